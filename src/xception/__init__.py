@@ -1,0 +1,26 @@
+"""xception: the Xception network and the depthwise separable convolutions around it, exact to the paper."""
+
+from .convert import WeightFileError
+from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
+from .models import Xception, XceptionConfig, create_model, list_models
+from .weights import Weights, get_weights, list_weights, load_weights, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv2dSame",
+    "MaxPool2dSame",
+    "SeparableConv2d",
+    "SpectrumConv2d",
+    "WeightFileError",
+    "Weights",
+    "Xception",
+    "XceptionConfig",
+    "create_model",
+    "get_weights",
+    "list_models",
+    "list_weights",
+    "load_weights",
+    "save_weights",
+    "tf_same_padding",
+]

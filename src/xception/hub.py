@@ -1,0 +1,150 @@
+"""Download pretrained weight files once, check them and keep them in torch's cache.
+
+Weights come from third-party hosts that move, go down or are unreachable from the machine at hand, and a
+truncated or swapped checkpoint can load without complaint into a model that then gives wrong answers. So every
+file is pinned by its exact size and MD5, downloads land in a temporary file beside their destination and are
+renamed into place only once they check out, and when nothing works the error lists why each URL failed and how
+to put the file in place by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A downloadable file pinned by size and checksum, so that no mirror can serve something else."""
+
+    filename: str
+    urls: tuple[str, ...]
+    md5: str
+    num_bytes: int
+
+    def __post_init__(self) -> None:
+        # Typos should fail where the file is declared, not as a "checksum mismatch" after a long download.
+        if isinstance(self.urls, str) or not self.urls:
+            raise ValueError(f"{self.filename}: urls must be a non-empty tuple of URLs, got {self.urls!r}")
+        if not re.fullmatch(r"[0-9a-f]{32}", self.md5):
+            raise ValueError(f"{self.filename}: md5 must be 32 lowercase hex digits, got {self.md5!r}")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weights cannot be had: offline, every URL failed, or a file is not the one expected.
+
+    One exception type for all of these, because the remedy is the same: put the right file in place by hand.
+    """
+
+
+def cache_dir() -> Path:
+    """Where weights are cached: torch hub's ``checkpoints``, as torchvision and timm use, so that ``TORCH_HOME``
+    or ``torch.hub.set_dir`` moves them all together."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def md5sum(path: Path) -> str:
+    """Hex MD5 of a file, read in 1 MiB chunks so that a large checkpoint never sits in memory whole."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, file: WeightFile) -> None:
+    """Refuse anything but the exact expected file, because a truncated or swapped checkpoint may load silently.
+
+    The size is compared first: it costs nothing and catches truncated downloads. The file is never deleted,
+    since it may be the user's own copy.
+    """
+    size = path.stat().st_size
+    if size != file.num_bytes:
+        problem = f"expected {file.num_bytes} bytes, found {size}"
+    elif (found := md5sum(path)) != file.md5:
+        problem = f"expected md5 {file.md5}, found {found}"
+    else:
+        return
+    raise WeightsUnavailableError(
+        f"{path} is not the expected {file.filename}: {problem}. It was left in place; delete or replace it, "
+        f"then fetch it again from {file.urls[0]}"
+    )
+
+
+def fetch(file: WeightFile, *, directory: Path | None = None, progress: bool = True) -> Path:
+    """Path to a verified copy of ``file`` in ``directory`` (default :func:`cache_dir`), downloaded on first use.
+
+    URLs are tried in order so that mirrors cover for a dead primary; the error when all fail says why each one
+    failed and how to place the file by hand, which is the usual way on machines without internet.
+    """
+    target = Path(directory if directory is not None else cache_dir()) / file.filename
+    if target.exists():
+        verify_file(target, file)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in file.urls:
+        try:
+            _download(url, target, file, progress)
+            return target
+        except (OSError, ValueError, http.client.HTTPException, WeightsUnavailableError) as error:
+            failures.append(f"  {url}: {_reason(error)}")
+    mirrors = f" (or {', or '.join(file.urls[1:])})" if len(file.urls) > 1 else ""
+    raise WeightsUnavailableError(
+        f"could not download {file.filename}; every URL failed:\n" + "\n".join(failures) + "\n"
+        f"Download {file.filename} from {file.urls[0]}{mirrors} and put it at {target}; "
+        f"expected size {file.num_bytes} bytes, MD5 {file.md5}. Or pass the path of a local copy as weights=<path>."
+    )
+
+
+def _download(url: str, target: Path, file: WeightFile, progress: bool) -> None:
+    """Stream ``url`` into a ``.part`` file beside ``target``, hashing on the way, and rename it into place only if
+    it is exactly ``file``: the rename is atomic, so a crash never leaves a broken file under the real name."""
+    request = urllib.request.Request(url, headers={"User-Agent": "xception"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        total = int(response.headers.get("Content-Length") or file.num_bytes)
+        digest, size = hashlib.md5(usedforsecurity=False), 0
+        with tempfile.NamedTemporaryFile(
+            dir=target.parent, prefix=f"{file.filename}.", suffix=".part", delete=False
+        ) as part:
+            try:
+                with tqdm(total=total, unit="B", unit_scale=True, desc=file.filename, disable=not progress) as bar:
+                    while chunk := response.read(CHUNK_BYTES):
+                        size += len(chunk)
+                        if size > file.num_bytes:  # Do not let a wrong page or file fill the disk.
+                            raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got more")
+                        part.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+                part.close()  # Windows cannot rename an open file.
+                if size != file.num_bytes:
+                    raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got {size}")
+                if (got := digest.hexdigest()) != file.md5:
+                    raise WeightsUnavailableError(f"checksum mismatch: expected md5 {file.md5}, got {got}")
+                os.replace(part.name, target)
+            finally:
+                Path(part.name).unlink(missing_ok=True)  # Already gone after a successful rename.
+
+
+def _reason(error: Exception) -> str:
+    """One line on why a URL failed, short enough to list one per URL."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason if isinstance(error.reason, Exception) else error
+    if isinstance(error, WeightsUnavailableError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

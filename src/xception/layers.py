@@ -1,0 +1,188 @@
+"""Building blocks: TensorFlow-exact 'same' padding, depthwise separable convolutions and the
+Inception spectrum between a regular and a depthwise separable convolution.
+
+The paper (Chollet 2017, section 2) describes one family of layers: a 1x1 convolution that mixes
+channels and a kxk convolution that looks at space, the latter split into ``segments`` independent
+channel groups. One segment is the Inception-style factorised convolution; one segment per channel is
+the "extreme Inception" module, which is a depthwise separable convolution up to two details: the order
+of the two operations and the non-linearity between them. :class:`SeparableConv2d` exposes all three
+knobs; :class:`SpectrumConv2d` is the same layer with the paper's spectrum defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Order = Literal["depthwise_first", "pointwise_first"]
+MidOperation = Literal[None, "relu", "elu", "bn"]
+
+MID_OPERATIONS = (None, "relu", "elu", "bn")
+ORDERS = ("depthwise_first", "pointwise_first")
+
+
+def tf_same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """Padding (before, after) that TensorFlow's ``padding='same'`` adds to one spatial dimension.
+
+    TensorFlow makes the output ``ceil(size / stride)`` long and, when the total padding is odd, puts
+    the extra element after the input. PyTorch's symmetric padding differs whenever that happens.
+    """
+    effective_kernel = (kernel_size - 1) * dilation + 1
+    out = -(-size // stride)  # ceil(size / stride) in integers, which TorchScript also compiles
+    total = max((out - 1) * stride + effective_kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow's 'same' padding, asymmetric where TensorFlow pads asymmetrically.
+
+    Where the padding is symmetric for every input size (stride 1), it is fixed at construction and costs
+    nothing; otherwise it is computed from each input's size.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, **factory) -> None:
+        effective_kernel = (kernel_size - 1) * dilation + 1
+        self.static_padding = stride == 1 and effective_kernel % 2 == 1
+        padding = (effective_kernel - 1) // 2 if self.static_padding else 0
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.static_padding:
+            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+            left, right = tf_same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+            x = F.pad(x, (left, right, top, bottom))
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class MaxPool2dSame(nn.Module):
+    """Max-pooling with TensorFlow's 'same' padding.
+
+    TensorFlow pads with -inf, ``floor(total / 2)`` before and the rest after. PyTorch pads
+    symmetrically, but ``ceil_mode=True`` lets a last window run off the end, which is exactly one
+    extra -inf element after: so padding ``before`` on both sides with ``ceil_mode`` reproduces
+    TensorFlow without copying the input.
+    """
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)[0]
+        pad_w = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)[0]
+        return F.max_pool2d(x, self.kernel_size, self.stride, padding=(pad_h, pad_w), ceil_mode=True)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=tf_same"
+
+
+def make_mid_operation(mid: MidOperation, channels: int, bn_eps: float = 1e-3,
+                       bn_momentum: float = 0.01) -> nn.Module:
+    """The operation between the two halves of a separable convolution (the paper's Figure 10)."""
+    if mid is None:
+        return nn.Identity()
+    if mid == "relu":
+        return nn.ReLU(inplace=True)
+    if mid == "elu":
+        return nn.ELU(inplace=True)
+    if mid == "bn":
+        return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+    raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
+
+
+class SeparableConv2d(nn.Module):
+    """A spatial kxk convolution over independent channel groups and a 1x1 convolution across channels.
+
+    Args:
+        in_channels, out_channels: channels in and out.
+        kernel_size, stride, dilation: of the spatial convolution. Padding is 'same' (TensorFlow-exact).
+        depth_multiplier: spatial filters per input channel (depthwise-first order only).
+        order: ``"depthwise_first"`` (Xception, TensorFlow's SeparableConv2D) or ``"pointwise_first"``
+            (the "extreme Inception" module: 1x1 first, then one spatial filter per channel).
+        mid_activation: what runs between the two convolutions: ``None`` (Xception), ``"relu"``,
+            ``"elu"`` (the paper's Figure 10), or ``"bn"`` (the DeepLab variants).
+        segments: independent channel groups of the spatial convolution; ``None`` means one per channel
+            (a depthwise convolution). 1 makes the spatial convolution a regular one.
+        bias: add a bias to whichever convolution comes last.
+
+    :meth:`count_parameters` gives the parameter count in closed form.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 dilation: int = 1, depth_multiplier: int = 1, order: Order = "depthwise_first",
+                 mid_activation: MidOperation = None, segments: int | None = None, bias: bool = False,
+                 bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if order == "pointwise_first" and depth_multiplier != 1:
+            raise ValueError("depth_multiplier must be 1 when order='pointwise_first': the extreme Inception "
+                             "module has one spatial filter per channel")
+        spatial_in = in_channels if order == "depthwise_first" else out_channels
+        spatial_out = spatial_in * depth_multiplier
+        segments = spatial_in if segments is None else segments
+        if segments < 1 or spatial_in % segments:
+            raise ValueError(f"segments must divide the {spatial_in} channels of the spatial convolution, "
+                             f"got {segments}")
+        self.order = order
+        self.segments = segments
+        self.depth_multiplier = depth_multiplier
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+        spatial = Conv2dSame(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
+                             groups=segments, bias=bias and order == "pointwise_first")
+        if order == "depthwise_first":
+            self.depthwise = spatial
+            self.mid = make_mid_operation(mid_activation, spatial_out, bn_eps, bn_momentum)
+            self.pointwise = nn.Conv2d(spatial_out, out_channels, 1, bias=bias)
+        else:
+            self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+            self.mid = make_mid_operation(mid_activation, out_channels, bn_eps, bn_momentum)
+            self.depthwise = spatial
+
+    @staticmethod
+    def count_parameters(in_channels: int, out_channels: int, kernel_size: int = 3, *,
+                         depth_multiplier: int = 1, order: Order = "depthwise_first",
+                         segments: int | None = None) -> int:
+        """Weights of the layer without bias or mid BatchNorm.
+
+        depthwise-first, C_in channels split into s segments:  k^2 * C_in * m * C_in / s + C_in * m * C_out
+        pointwise-first, C_out channels split into s segments: C_in * C_out + k^2 * C_out * C_out / s
+        s = 1 is a regular spatial convolution; s = channels a depthwise one.
+        """
+        k2 = kernel_size * kernel_size
+        if order == "depthwise_first":
+            s = in_channels if segments is None else segments
+            spatial_out = in_channels * depth_multiplier
+            return k2 * spatial_out * (in_channels // s) + spatial_out * out_channels
+        s = out_channels if segments is None else segments
+        return in_channels * out_channels + k2 * out_channels * (out_channels // s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order == "depthwise_first":
+            return self.pointwise(self.mid(self.depthwise(x)))
+        return self.depthwise(self.mid(self.pointwise(x)))
+
+
+class SpectrumConv2d(SeparableConv2d):
+    """A point on the paper's Inception spectrum: a 1x1 projection, then a kxk convolution over
+    ``segments`` independent channel groups.
+
+    ``segments=1`` is the regular (Inception-style factorised) form; ``segments=out_channels`` is the
+    extreme Inception module. Parameters without bias: ``in * out + k^2 * out^2 / segments``.
+    The paper's Inception modules put a ReLU after the projection; pass ``mid_activation="relu"`` for it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, segments: int,
+                 stride: int = 1, dilation: int = 1, mid_activation: MidOperation = None, bias: bool = False,
+                 bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+                         order="pointwise_first", mid_activation=mid_activation, segments=segments, bias=bias,
+                         bn_eps=bn_eps, bn_momentum=bn_momentum)

@@ -1,0 +1,194 @@
+"""Registered pretrained weights, and loading and saving weight files.
+
+A :class:`Weights` object carries everything about one set of pretrained weights: the files (with and
+without the classifier) with their URLs and checksums, the metadata (parameter count, categories,
+reported accuracy, source, license) and the evaluation transforms.
+
+Loading is all-or-nothing: a file is read and checked against the model in full before the model is
+touched, so a file that does not fit leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import WeightFileError, read_weights
+from .hub import WeightFile, fetch
+from .transforms import ClassificationTransform
+
+
+@cache
+def imagenet_categories() -> tuple[str, ...]:
+    """The 1000 ImageNet class names in the index order of the official weights."""
+    text = resources.files("xception").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One registered set of pretrained weights for one model."""
+
+    model: str
+    name: str
+    file: WeightFile  # with the classifier
+    notop_file: WeightFile | None  # the same weights without the classifier, where published
+    num_classes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    transform_config: dict[str, Any] = field(default_factory=dict)
+
+    def transforms(self) -> ClassificationTransform:
+        """The preprocessing these weights expect, for evaluation: resize, centre crop, scale to [-1, 1]."""
+        return ClassificationTransform(**self.transform_config)
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return imagenet_categories() if self.meta.get("categories") == "imagenet" else ()
+
+    def file_for(self, num_classes: int) -> WeightFile:
+        """The file to load into a model with ``num_classes`` outputs: the one without the classifier
+        unless the model's classifier is the one the weights were trained with."""
+        if num_classes == self.num_classes or self.notop_file is None:
+            return self.file
+        return self.notop_file
+
+
+KERAS_RELEASES = "https://storage.googleapis.com/tensorflow/keras-applications/xception/"
+GITHUB_RELEASES = "https://github.com/fchollet/deep-learning-models/releases/download/v0.4/"
+
+
+def keras_file(filename: str, md5: str, num_bytes: int) -> WeightFile:
+    return WeightFile(filename, (KERAS_RELEASES + filename, GITHUB_RELEASES + filename), md5, num_bytes)
+
+
+_REGISTRY: dict[tuple[str, str], Weights] = {}
+
+
+def register_weights(weights: Weights) -> Weights:
+    _REGISTRY[(weights.model, weights.name)] = weights
+    return weights
+
+
+register_weights(Weights(
+    model="xception",
+    name="imagenet",
+    file=keras_file("xception_weights_tf_dim_ordering_tf_kernels.h5", "0a58e3b7378bc2990ea3b43d5981f1f6",
+                    91_884_032),
+    notop_file=keras_file("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                          "b0042744bf5b25fce3cb969f33bebb97", 83_683_744),
+    num_classes=1000,
+    meta={
+        "num_params": 22_855_952,
+        "categories": "imagenet",
+        "metrics": {"ImageNet-1k": {"top1": 79.0, "top5": 94.5}},
+        "source": "Official Keras Applications weights by F. Chollet (keras.applications.Xception)",
+        "paper": "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions, CVPR 2017",
+        "license": "MIT",
+        "numerics": "keras",
+    },
+    # The Keras example resizes the whole image to 299x299; timm's evaluation of the same weights resizes
+    # to 333 and crops 299 (bicubic), which measured 79.06 top-1. We follow the latter for evaluation.
+    transform_config={"resize_size": 333, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
+                      "std": (0.5,) * 3},
+))
+
+
+def list_weights(model: str | None = None) -> list[str]:
+    """Registered weights as ``"model.name"`` (or just names, for one model)."""
+    if model is not None:
+        return sorted(name for m, name in _REGISTRY if m == model)
+    return sorted(f"{m}.{name}" for m, name in _REGISTRY)
+
+
+def get_weights(model: str, name: str) -> Weights:
+    try:
+        return _REGISTRY[(model, name)]
+    except KeyError:
+        available = ", ".join(list_weights(model)) or "none"
+        raise ValueError(f"no weights named {name!r} for model {model!r}; registered: {available}; "
+                         "or pass the path of a weight file") from None
+
+
+def resolve_weights(model: nn.Module, weights: str | Path) -> Path:
+    """A local path stays as is; a registered name is fetched (cached, checksum-verified) for ``model``."""
+    path = Path(weights)
+    if path.exists() or path.suffix or path.parent != Path("."):
+        return path
+    registered = get_weights(getattr(model, "model_name", "xception"), str(weights))
+    return fetch(registered.file_for(model.num_classes))
+
+
+def load_weights(model: nn.Module, weights: str | Path) -> str:
+    """Load a registered name or a weight file into ``model``; returns the detected format.
+
+    Raises :class:`~xception.convert.WeightFileError` naming the format and the first mismatching
+    tensor, with the model unchanged, when the file does not fit.
+    """
+    path = resolve_weights(model, weights)
+    file_format, state = read_weights(path, model)
+    check_fits(model, state, path, file_format)
+    expected = model.state_dict()
+    # BatchNorm's step counter is not a weight; files from other frameworks do not have it.
+    complete = {name: state.get(name, expected[name]) for name in expected}
+    model.load_state_dict(complete)
+    return file_format
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str) -> None:
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        if name not in expected:
+            raise WeightFileError(f"{path} ({file_format}) does not fit the model: it has {name} "
+                                  f"{tuple(tensor.shape)}, which the model lacks{classifier_hint(name, tensor)}")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise WeightFileError(f"{path} ({file_format}) does not fit the model: {name} expected "
+                                  f"{tuple(expected[name].shape)}, found {tuple(tensor.shape)}"
+                                  f"{classifier_hint(name, tensor)}")
+    missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")]
+    if missing:
+        hint = ""
+        if missing[0].startswith("head.predictions"):
+            hint = ": the file has no classifier; build the model with num_classes=0, or load the file with the top"
+        raise WeightFileError(f"{path} ({file_format}) does not fit the model: it lacks {missing[0]} "
+                              f"{tuple(expected[missing[0]].shape)} and {len(missing) - 1} more{hint}")
+
+
+def classifier_hint(name: str, tensor: torch.Tensor) -> str:
+    if name.startswith("head.predictions"):
+        return (f" (the file's classifier has {tensor.shape[0]} classes: build the model with "
+                f"num_classes={tensor.shape[0]}, then reset_classifier() for another class count)")
+    return ""
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Save ``model``'s weights as safetensors, with the architecture in the metadata. The file is written
+    to a temporary name and renamed, so an interrupted save never replaces a good file with a broken one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = {"format": "xception", "model": getattr(model, "model_name", type(model).__name__)}
+    if hasattr(model, "architecture"):
+        metadata["architecture"] = json.dumps(model.architecture())
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+__all__ = [
+    "WeightFileError",
+    "Weights",
+    "get_weights",
+    "imagenet_categories",
+    "list_weights",
+    "load_weights",
+    "save_weights",
+]
