@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .convert import WeightFileError, read_weights
+from .convert import WeightFileError, read_safetensors_metadata, read_weights
 from .hub import WeightsUnavailableError
 from .models import create_model, list_models
 from .summary import summarize
@@ -48,16 +48,21 @@ def command_models(args: argparse.Namespace) -> int:
 
 def command_convert(args: argparse.Namespace) -> int:
     """Any readable weight file -> this library's safetensors, with the class count read from the file."""
+    if not args.destination.parent.is_dir():  # checked first: safetensors' own error would be a traceback
+        raise ValueError(f"cannot write {args.destination}: the folder {args.destination.parent} does not exist")
     probe = create_model(args.model)
     file_format, state = read_weights(args.source, probe)
     classifier = state.get("head.predictions.weight")
     num_classes = 0 if classifier is None else classifier.shape[0]
     # Weights trained by the PyTorch ports expect their numerics (BN eps 1e-5, symmetric pooling).
     numerics = "timm" if file_format.startswith(("timm", "Cadene")) else "keras"
-    model = create_model(args.model, num_classes=num_classes, numerics=numerics, weights=args.source)
+    options: dict[str, Any] = {"num_classes": num_classes, "numerics": numerics}
+    if file_format == "xception safetensors":  # saved here: keep the architecture (and numerics) it was saved with
+        options = json.loads(read_safetensors_metadata(args.source).get("architecture", "null")) or options
+    model = create_model(args.model, weights=args.source, **options)
     save_weights(model, args.destination)
-    print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={num_classes}, "
-          f"numerics={numerics}")
+    print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={model.num_classes}, "
+          f"numerics={model.config.numerics}")
     return 0
 
 

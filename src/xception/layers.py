@@ -63,9 +63,10 @@ class MaxPool2dSame(nn.Module):
     """Max-pooling with TensorFlow's 'same' padding.
 
     TensorFlow pads with -inf, ``floor(total / 2)`` before and the rest after. PyTorch pads
-    symmetrically, but ``ceil_mode=True`` lets a last window run off the end, which is exactly one
-    extra -inf element after: so padding ``before`` on both sides with ``ceil_mode`` reproduces
-    TensorFlow without copying the input.
+    symmetrically, but with a stride above 1 ``ceil_mode=True`` lets a last window run off the end,
+    which is exactly one extra -inf element after: so padding ``before`` on both sides with
+    ``ceil_mode`` reproduces TensorFlow without copying the input. At stride 1 ``ceil_mode`` adds no
+    window, so an odd total padding (an even kernel) is padded explicitly.
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
@@ -74,9 +75,12 @@ class MaxPool2dSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)[0]
-        pad_w = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)[0]
-        return F.max_pool2d(x, self.kernel_size, self.stride, padding=(pad_h, pad_w), ceil_mode=True)
+        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
+        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
+        if self.stride == 1 and (bottom != top or right != left):
+            x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+            return F.max_pool2d(x, self.kernel_size, 1)
+        return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=tf_same"

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, Order, SeparableConv2d
+from .weights import load_weights
 
 Numerics = Literal["keras", "timm"]
 GLOBAL_POOLS = ("avg", "max", "")
@@ -245,11 +246,12 @@ class Xception(nn.Module):
     """
 
     def __init__(self, config: XceptionConfig | None = None, *, num_classes: int = 1000, in_chans: int = 3,
-                 global_pool: str = "avg", drop_rate: float = 0.0) -> None:
+                 global_pool: str = "avg", drop_rate: float = 0.0, model_name: str = "xception") -> None:
         super().__init__()
         config = config or XceptionConfig()
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.model_name = model_name  # the registry name, saved with the weights
         self.config = config
         self.in_chans = in_chans
         self.num_classes = num_classes
@@ -314,8 +316,8 @@ class Xception(nn.Module):
 
     def architecture(self) -> dict[str, Any]:
         """The arguments that rebuild this architecture with ``create_model``, saved with its weights."""
-        return {"num_classes": self.num_classes, "in_chans": self.in_chans,
-                "global_pool": self.head.global_pool, **dataclasses.asdict(self.config)}
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans, "global_pool": self.head.global_pool,
+                "drop_rate": self.head.dropout.p, **dataclasses.asdict(self.config)}
 
 
 # --- registry ---------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def xception(*, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "
     if unknown:
         raise TypeError(f"unknown Xception option(s) {unknown}; valid options are {sorted(valid)}")
     return Xception(XceptionConfig(**config), num_classes=num_classes, in_chans=in_chans,
-                    global_pool=global_pool, drop_rate=drop_rate)
+                    global_pool=global_pool, drop_rate=drop_rate, model_name="xception")
 
 
 def list_models() -> list[str]:
@@ -363,9 +365,6 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
     model = _MODEL_BUILDERS[name](num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                                   drop_rate=drop_rate, **config)
-    model.model_name = name
     if weights is not None:
-        from .weights import load_weights
-
         load_weights(model, weights)
     return model

@@ -116,48 +116,63 @@ def get_weights(model: str, name: str) -> Weights:
                          "or pass the path of a weight file") from None
 
 
-def resolve_weights(model: nn.Module, weights: str | Path) -> Path:
-    """A local path stays as is; a registered name is fetched (cached, checksum-verified) for ``model``."""
-    path = Path(weights)
-    if path.exists() or path.suffix or path.parent != Path("."):
-        return path
-    registered = get_weights(getattr(model, "model_name", "xception"), str(weights))
-    return fetch(registered.file_for(model.num_classes))
-
-
 def load_weights(model: nn.Module, weights: str | Path) -> str:
     """Load a registered name or a weight file into ``model``; returns the detected format.
 
-    Raises :class:`~xception.convert.WeightFileError` naming the format and the first mismatching
-    tensor, with the model unchanged, when the file does not fit.
+    A registered name is fetched (cached, checksum-verified) in the variant that fits the model: for another
+    class count that is the file without classifier, and the model's new head keeps its initialisation.
+    A path must fit exactly. Either way a file that does not fit raises
+    :class:`~xception.convert.WeightFileError` naming the format and the first mismatching tensor, with the
+    model unchanged.
     """
-    path = resolve_weights(model, weights)
+    registered = registered_weights(model, weights)
+    may_lack: tuple[str, ...] = ()
+    if registered is None:
+        path = Path(weights)
+    else:
+        path = fetch(registered.file_for(model.num_classes))
+        if model.num_classes != registered.num_classes:
+            may_lack = ("head.",)
     file_format, state = read_weights(path, model)
-    check_fits(model, state, path, file_format)
+    check_fits(model, state, path, file_format, may_lack=may_lack)
     expected = model.state_dict()
     # BatchNorm's step counter is not a weight; files from other frameworks do not have it.
-    complete = {name: state.get(name, expected[name]) for name in expected}
-    model.load_state_dict(complete)
+    model.load_state_dict({name: state.get(name, expected[name]) for name in expected})
     return file_format
 
 
-def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str) -> None:
+def registered_weights(model: nn.Module, weights: str | Path) -> Weights | None:
+    """The registered weights ``weights`` names for ``model``, or None when it is a path (an existing file, or
+    anything with a folder or a suffix in it)."""
+    path = Path(weights)
+    if isinstance(weights, Path) or path.is_file() or path.suffix or path.parent != Path("."):
+        return None
+    return get_weights(getattr(model, "model_name", "xception"), str(weights))
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str,
+               may_lack: tuple[str, ...] = ()) -> None:
+    """Refuse ``state`` unless it has every tensor of ``model`` (except those starting with ``may_lack``) in the
+    model's shapes, and nothing else. Mismatches are reported in the model's order, the first one named."""
     expected = model.state_dict()
-    for name, tensor in state.items():
-        if name not in expected:
-            raise WeightFileError(f"{path} ({file_format}) does not fit the model: it has {name} "
-                                  f"{tuple(tensor.shape)}, which the model lacks{classifier_hint(name, tensor)}")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise WeightFileError(f"{path} ({file_format}) does not fit the model: {name} expected "
-                                  f"{tuple(expected[name].shape)}, found {tuple(tensor.shape)}"
-                                  f"{classifier_hint(name, tensor)}")
-    missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")]
+    where = f"{path} ({file_format}) does not fit the model"
+    for name, tensor in expected.items():
+        found = state.get(name)
+        if found is not None and found.shape != tensor.shape:
+            raise WeightFileError(f"{where}: {name} expected {tuple(tensor.shape)}, found {tuple(found.shape)}"
+                                  f"{classifier_hint(name, found)}")
+    extra = [name for name in state if name not in expected]
+    if extra:
+        raise WeightFileError(f"{where}: it has {extra[0]} {tuple(state[extra[0]].shape)}, which the model lacks"
+                              f"{classifier_hint(extra[0], state[extra[0]])}")
+    missing = [name for name in expected if name not in state and not name.endswith("num_batches_tracked")
+               and not name.startswith(may_lack)]
     if missing:
         hint = ""
         if missing[0].startswith("head.predictions"):
             hint = ": the file has no classifier; build the model with num_classes=0, or load the file with the top"
-        raise WeightFileError(f"{path} ({file_format}) does not fit the model: it lacks {missing[0]} "
-                              f"{tuple(expected[missing[0]].shape)} and {len(missing) - 1} more{hint}")
+        raise WeightFileError(f"{where}: it lacks {missing[0]} {tuple(expected[missing[0]].shape)} and "
+                              f"{len(missing) - 1} more{hint}")
 
 
 def classifier_hint(name: str, tensor: torch.Tensor) -> str:
@@ -178,8 +193,11 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
         metadata["architecture"] = json.dumps(model.architecture())
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves no partial file behind; gone after the rename
     return path
 
 

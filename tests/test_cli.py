@@ -1,0 +1,198 @@
+"""The ``xception`` command line, called in-process, plus one run of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from keras_reference import save_keras3_h5
+from torch import nn
+
+import xception
+from xception.cli import main
+from xception.convert import read_safetensors_metadata
+
+SMALL = (96, 96)
+
+
+def random_keras_h5(path: Path, include_top: bool, seed: int) -> Path:
+    """Written by Keras's own HDF5 writer, with random weights and random (uncalibrated) BN statistics."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
+                                        input_shape=None if include_top else (None, None, 3))
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.get_weights()[0].shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape), rng.normal(0, 0.2, shape),
+                               rng.uniform(0.5, 2.0, shape)])
+    return save_keras3_h5(model, path)
+
+
+@pytest.fixture(scope="module")
+def keras_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("keras")
+    return {"top": random_keras_h5(folder / "top.h5", include_top=True, seed=7),
+            "notop": random_keras_h5(folder / "notop.h5", include_top=False, seed=8)}
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_same_weights(actual: nn.Module, expected: nn.Module) -> None:
+    a, e = actual.state_dict(), expected.state_dict()
+    assert list(a) == list(e)
+    for name in e:
+        assert torch.equal(a[name], e[name]), name
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    x = torch.rand(2, 3, *SMALL, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# --- summary and models ---------------------------------------------------------------------------
+
+def test_summary_table(capsys) -> None:
+    code, out, err = run(capsys, "summary", "xception")
+    assert code == 0 and err == ""
+    assert "Total params: 22,855,952" in out
+    assert "Non-trainable (BN statistics): 54,528" in out
+    row = next(line for line in out.splitlines() if line.startswith("blocks.block2.layers.sepconv1 "))
+    assert row.split()[1:3] == ["SeparableConv2d", "128x147x147"]
+    assert "Input: 3x299x299" in out
+
+
+def test_summary_json(capsys) -> None:
+    code, out, _ = run(capsys, "summary", "xception", "--json", "--img-size", "96", "--width", "128")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["total_params"] == 22_855_952
+    assert summary["buffers"] == 54_528
+    assert summary["input_size"] == [3, 96, 128]
+    assert any(row["name"] == "blocks.block2.layers.sepconv1" for row in summary["rows"])
+
+
+def test_summary_set_options(capsys) -> None:
+    code, out, _ = run(capsys, "summary", "xception", "--json", "--img-size", "96", "--set", "middle_repeats=0")
+    assert code == 0
+    summary = json.loads(out)
+    # each middle-flow module: three separable convs 728 -> 728 and their BNs
+    middle_module = 3 * (728 * 9 + 728 * 728 + 2 * 728)
+    assert summary["total_params"] == 22_855_952 - 8 * middle_module
+    assert not any(row["name"].startswith("blocks.block5.layers.sepconv3") for row in summary["rows"])
+
+
+def test_summary_unknown_option(capsys) -> None:
+    code, out, err = run(capsys, "summary", "xception", "--set", "middle_repeat=4")
+    assert code == 2
+    assert out == ""
+    assert "xception summary: error:" in err and "middle_repeat" in err
+    assert "valid options" in err and "middle_repeats" in err and "mid_activation" in err
+
+
+def test_models(capsys) -> None:
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.split()[0] == "xception")
+    assert "imagenet" in line
+
+
+def test_console_script() -> None:
+    script = Path(sys.executable).with_name("xception")
+    executable = str(script) if script.exists() else shutil.which("xception")
+    assert executable, "the xception console script is not installed"
+    result = subprocess.run([executable, "models"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "xception" in result.stdout and "imagenet" in result.stdout
+
+
+# --- convert -----------------------------------------------------------------------------------------
+
+def test_convert_keras_file(keras_files, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "converted.safetensors"
+    code, out, err = run(capsys, "convert", str(keras_files["top"]), str(dst))
+    assert code == 0, err
+    assert "Keras HDF5" in out and "num_classes=1000" in out and "numerics=keras" in out
+    meta = read_safetensors_metadata(dst)
+    assert json.loads(meta["architecture"])["num_classes"] == 1000
+    converted = xception.create_model("xception", weights=dst)
+    direct = xception.create_model("xception", weights=keras_files["top"])
+    assert_same_weights(converted, direct)
+    assert torch.equal(outputs(converted), outputs(direct))
+
+
+def test_convert_notop_keras_file(keras_files, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "notop.safetensors"
+    code, out, err = run(capsys, "convert", str(keras_files["notop"]), str(dst))
+    assert code == 0, err
+    assert "num_classes=0" in out
+    architecture = json.loads(read_safetensors_metadata(dst)["architecture"])
+    assert architecture["num_classes"] == 0
+    converted = xception.create_model("xception", num_classes=0, weights=dst)
+    assert_same_weights(converted, xception.create_model("xception", num_classes=0, weights=keras_files["notop"]))
+    with pytest.raises(xception.WeightFileError, match="num_classes=0"):
+        xception.create_model("xception", weights=dst)
+
+
+def test_convert_timm_checkpoint(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "legacy_xception.pth"
+    torch.save(timm.create_model("legacy_xception", pretrained=False, num_classes=10).state_dict(), src)
+    dst = tmp_path / "timm.safetensors"
+    code, out, err = run(capsys, "convert", str(src), str(dst))
+    assert code == 0, err
+    assert "timm legacy_xception" in out and "num_classes=10" in out and "numerics=timm" in out
+    architecture = json.loads(read_safetensors_metadata(dst)["architecture"])
+    assert architecture["numerics"] == "timm" and architecture["num_classes"] == 10
+    converted = xception.create_model("xception", num_classes=10, numerics="timm", weights=dst)
+    assert_same_weights(converted, xception.create_model("xception", num_classes=10, numerics="timm", weights=src))
+
+
+@pytest.mark.parametrize("source", ["missing", "text", "resnet"])
+def test_convert_bad_source(source: str, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "source.pth"
+    if source == "text":
+        src.write_text("not weights\n")
+    elif source == "resnet":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.bias": torch.zeros(1000)}, src)
+    dst = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, "convert", str(src), str(dst))
+    assert code == 2
+    assert out == ""
+    assert err.startswith("xception convert: error:") and str(src) in err
+    assert {"missing": "does not exist", "text": "not a weight file", "resnet": "not an Xception"}[source] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if source == "missing" else ["source.pth"])
+
+
+def test_convert_into_missing_folder(keras_files, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "no" / "such" / "folder" / "out.safetensors"
+    code, out, err = run(capsys, "convert", str(keras_files["notop"]), str(dst))
+    assert code == 2 and out == ""
+    assert "xception convert: error:" in err and "out.safetensors" in err and "does not exist" in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_convert_keeps_the_architecture_of_a_saved_file(tmp_path: Path, capsys) -> None:
+    saved = xception.create_model("xception", num_classes=5, numerics="timm", middle_repeats=2)
+    src = xception.save_weights(saved, tmp_path / "saved.safetensors")
+    dst = tmp_path / "out.safetensors"
+    code, out, err = run(capsys, "convert", str(src), str(dst))
+    assert code == 0, err
+    assert "num_classes=5" in out and "numerics=timm" in out
+    assert json.loads(read_safetensors_metadata(dst)["architecture"]) == json.loads(
+        read_safetensors_metadata(src)["architecture"])
+    assert_same_weights(xception.create_model("xception", num_classes=5, numerics="timm", middle_repeats=2,
+                                              weights=dst), saved)
