@@ -1,0 +1,663 @@
+"""Speed and memory of Xception, alone or side by side with other implementations.
+
+What is measured, and why it is measured that way:
+
+- A *candidate* is one model in one memory layout. Its ``step`` runs one iteration: a forward pass under
+  ``torch.inference_mode`` (inference) or a training step (train: forward, cross-entropy on random labels,
+  backward, SGD step). Every iteration is timed with ``time.perf_counter`` after a device synchronisation,
+  so p50/p90 are per-batch latencies (per-image latencies at batch 1).
+- Throughput is the median over ``repeats`` timed runs of ``images / run time``. The median, not the mean,
+  so that one run disturbed by another process does not move the result.
+- :func:`compare` times several candidates in the same process and *interleaves* them: each repeat runs
+  every candidate once, in turn, so thermal or frequency drift and noisy neighbours hit all of them alike.
+- Parameters and MACs come from :func:`xception.summary.summarize` (convolutions and linear layers, one
+  image); a model it cannot run gets its parameter count only. FLOPs are ``2 * MACs`` per image for
+  inference and ``6 * MACs`` for training (the backward pass costs about twice the forward), which
+  :func:`machine_limits` turns into a fraction of the machine's matmul throughput.
+- Peak memory is taken over each candidate's warm-up, which runs it alone from its first call. On CUDA it is
+  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (everything allocated, weights
+  included). On the CPU it is the growth of the resident set over its size at the start: Linux lets a
+  process reset its RSS high-water mark, so each candidate gets its own peak; elsewhere ``ru_maxrss`` is a
+  high-water mark for the whole process, so a candidate that stays below an earlier peak reports no growth
+  (an underestimate for every candidate but the first).
+
+The peers of :func:`compare` are optional: one that is not installed, or cannot run in this configuration,
+comes back as a :class:`Result` with ``skipped`` set to the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import dataclasses
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import create_model
+from .summary import summarize
+
+__all__ = [
+    "PEERS",
+    "BenchmarkConfig",
+    "Candidate",
+    "PeakMemory",
+    "PeerUnavailable",
+    "Result",
+    "compare",
+    "machine_limits",
+    "measure",
+    "module_candidate",
+    "peak_fraction",
+    "results_from_csv",
+    "results_from_json",
+    "results_to_csv",
+    "results_to_json",
+    "results_to_markdown",
+    "run_interleaved",
+]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Mode = Literal["inference", "train"]
+Device = Literal["cpu", "cuda"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+MODES = ("inference", "train")
+DEVICES = ("cpu", "cuda")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# SGD as in the paper's ImageNet runs; the values only need to make the step a real update.
+LEARNING_RATE, MOMENTUM = 0.045, 0.9
+INCEPTION_SIZE = (299, 299)  # torchvision's Inception V3 is timed at its own input size, as in the paper's Table 3
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What to run and how long to time it. Every field maps to one command-line option.
+
+    Each timed run makes at least ``iterations`` iterations and keeps going until ``min_run_time``
+    seconds have passed, so a fast model gets enough samples without a slow one taking forever.
+    """
+
+    model: str = "xception"
+    model_options: dict[str, Any] = field(default_factory=dict)  # create_model keywords, e.g. middle_repeats=0
+    batch_size: int = 1
+    img_size: int | tuple[int, int] = 299  # stored as (height, width)
+    precision: Precision = "fp32"  # bf16 and fp16 run under torch.autocast on the device
+    channels_last: bool = False
+    compile: bool = False  # torch.compile with its default mode; the first call is reported as compile time
+    mode: Mode = "inference"
+    warmup: int = 3  # untimed iterations per candidate before the timed runs
+    repeats: int = 5  # timed runs per candidate
+    iterations: int = 10  # minimum iterations per timed run
+    min_run_time: float = 0.0  # minimum seconds per timed run
+    device: Device = "cpu"
+    num_threads: int | None = None  # torch intra-op threads during the benchmark; None keeps the current setting
+
+    def __post_init__(self) -> None:
+        size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
+        if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+            raise ValueError(f"img_size must be a positive int or (height, width), got {self.img_size!r}")
+        object.__setattr__(self, "img_size", size)
+        for name, choices in (("precision", PRECISIONS), ("mode", MODES), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.precision == "fp16" and self.device != "cuda":
+            raise ValueError("precision 'fp16' needs device 'cuda': CPU autocast runs fp16 convolutions slowly or "
+                             "not at all; use 'bf16' on the CPU")
+        for name in ("batch_size", "repeats", "iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.min_run_time < 0:
+            raise ValueError(f"warmup and min_run_time must be >= 0, got {self.warmup} and {self.min_run_time}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One candidate's numbers. In train mode the timed iteration is a training step, so ``images_per_s`` is
+    training throughput and ``p50_ms`` the median step time. Metrics are None where they do not apply or
+    the candidate was ``skipped`` (the reason)."""
+
+    candidate: str  # "xception", "timm legacy_xception", "keras Xception", "torchvision inception_v3"
+    layout: str  # "contiguous", "channels_last", or "NHWC" for Keras
+    mode: str
+    precision: str
+    device: str
+    batch_size: int
+    img_size: tuple[int, int]
+    compiled: bool = False
+    images_per_s: float | None = None  # median over the timed runs
+    p50_ms: float | None = None  # per batch, over every timed iteration
+    p90_ms: float | None = None
+    params: int | None = None
+    macs: int | None = None  # multiply-accumulates per image (forward pass)
+    peak_memory_mb: float | None = None  # over the warm-up; device memory on CUDA, RSS growth on the CPU
+    compile_s: float | None = None  # the first call when compiled: compilation plus one iteration
+    ratio_vs_timm: float | None = None  # images_per_s / the better timm layout's images_per_s
+    ratio_vs_ours: float | None = None  # images_per_s / our model's (Table 3: relative training speed)
+    fraction_of_peak: float | None = None  # achieved FLOP/s / matmul FLOP/s from machine_limits
+    note: str = ""  # e.g. the throughput of timm's other layout
+    skipped: str | None = None  # why the candidate did not run
+
+
+@dataclass
+class Candidate:
+    """One thing to time: ``step`` runs one iteration (forward pass or training step) without synchronising."""
+
+    name: str
+    layout: str
+    step: Callable[[], object]
+    img_size: tuple[int, int]
+    params: int | None = None
+    macs: int | None = None
+    compiled: bool = False
+
+
+class PeerUnavailable(Exception):
+    """A peer that cannot run here; :func:`compare` reports it as skipped with this message."""
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+
+def measure(model: nn.Module | Callable[[], nn.Module] | None, config: BenchmarkConfig, *, name: str | None = None,
+            limits: dict[str, Any] | None = None) -> Result:
+    """Time one model. ``model`` is a module, a function that builds one, or None for ``config.model``.
+
+    The module is used as given: it is moved to the device, converted to channels-last when asked, and in
+    train mode its weights are updated, so pass a copy to keep the original.
+    """
+    _check_device(config.device)
+    with _num_threads(config.num_threads):
+        if model is None:
+            module = create_model(config.model, **config.model_options)
+        elif isinstance(model, nn.Module):
+            module = model
+        else:
+            module = model()
+        label = name or getattr(module, "model_name", None) or type(module).__name__
+        candidate = module_candidate(label, module, config)
+        result = run_interleaved([candidate], config)[0]
+    return _with_peak_fraction(result, limits)
+
+
+def run_interleaved(candidates: Sequence[Candidate], config: BenchmarkConfig) -> list[Result]:
+    """Warm each candidate up in turn, then run ``config.repeats`` rounds, each timing every candidate once.
+
+    Peak memory is taken over each candidate's warm-up, the only window in which one candidate runs alone
+    from its first call, and which the timed runs never pay for (None without warm-up).
+    """
+    sync = _synchronizer(config.device)
+    compile_s: dict[int, float] = {}
+    peak_memory: dict[int, float | None] = {}
+    for index, candidate in enumerate(candidates):
+        warmups = max(config.warmup, int(candidate.compiled))  # a compiled model needs its first call
+        probe = PeakMemory(config.device)
+        for i in range(warmups):
+            start = perf_counter()
+            candidate.step()
+            sync()
+            if i == 0 and candidate.compiled:
+                compile_s[index] = perf_counter() - start
+        peak_memory[index] = probe.stop() if warmups else None
+
+    throughputs: list[list[float]] = [[] for _ in candidates]
+    latencies: list[list[float]] = [[] for _ in candidates]
+    for _ in range(config.repeats):
+        for index, candidate in enumerate(candidates):
+            times = _timed_run(candidate, config, sync)
+            throughputs[index].append(config.batch_size * len(times) / sum(times))
+            latencies[index].extend(times)
+
+    return [
+        Result(
+            candidate=candidate.name, layout=candidate.layout, mode=config.mode, precision=config.precision,
+            device=config.device, batch_size=config.batch_size, img_size=candidate.img_size,
+            compiled=candidate.compiled, images_per_s=statistics.median(throughputs[index]),
+            p50_ms=1000 * _percentile(latencies[index], 50), p90_ms=1000 * _percentile(latencies[index], 90),
+            params=candidate.params, macs=candidate.macs, peak_memory_mb=peak_memory[index],
+            compile_s=compile_s.get(index))
+        for index, candidate in enumerate(candidates)
+    ]
+
+
+def _timed_run(candidate: Candidate, config: BenchmarkConfig, sync: Callable[[], None]) -> list[float]:
+    """Seconds of each iteration of one run; their sum is the run time (the loop's bookkeeping aside)."""
+    times: list[float] = []
+    elapsed = 0.0
+    while len(times) < config.iterations or elapsed < config.min_run_time:
+        start = perf_counter()
+        candidate.step()
+        sync()
+        times.append(perf_counter() - start)
+        elapsed += times[-1]
+    return times
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default), without numpy."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    """Waits for queued device work, so a timer measures the work and not its launch."""
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested, but torch.cuda.is_available() is False")
+
+
+@contextmanager
+def _num_threads(count: int | None) -> Iterator[None]:
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _autocast(config: BenchmarkConfig) -> AbstractContextManager[Any]:
+    dtype = AUTOCAST_DTYPES.get(config.precision)
+    return nullcontext() if dtype is None else torch.autocast(device_type=config.device, dtype=dtype)
+
+
+class PeakMemory:
+    """Peak memory in MB between construction and :meth:`stop` (see the module docstring).
+
+    On Linux the RSS high-water mark is reset at the start, after handing memory that the C allocator holds
+    but does not use back to the system: otherwise a candidate would reuse what the previous one freed and
+    show no growth.
+    """
+
+    STATUS = Path("/proc/self/status")
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+
+    def __init__(self, device: str) -> None:
+        self.method: str | None = None
+        self.baseline = 0
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.method = "cuda"
+        elif self._reset_rss_peak():
+            self.method, self.baseline = "hwm", self._status_bytes("VmRSS")
+        elif (maxrss := self._maxrss_bytes()) is not None:
+            self.method, self.baseline = "maxrss", maxrss
+
+    def stop(self) -> float | None:
+        if self.method == "cuda":
+            peak = torch.cuda.max_memory_allocated()
+        elif self.method == "hwm":
+            peak = self._status_bytes("VmHWM") - self.baseline
+        elif self.method == "maxrss":
+            peak = (self._maxrss_bytes() or 0) - self.baseline
+        else:
+            return None
+        return max(peak, 0) / 2**20
+
+    @classmethod
+    def _reset_rss_peak(cls) -> bool:
+        """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
+        with suppress(OSError, AttributeError):  # glibc only
+            ctypes.CDLL(None).malloc_trim(0)
+        try:
+            cls.CLEAR_REFS.write_text("5")
+            cls._status_bytes("VmHWM")
+        except (OSError, ValueError):
+            return False
+        return True
+
+    @classmethod
+    def _status_bytes(cls, key: str) -> int:
+        for line in cls.STATUS.read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+        raise ValueError(f"{key} is not in {cls.STATUS}")
+
+    @staticmethod
+    def _maxrss_bytes() -> int | None:
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
+
+
+# --- candidates -------------------------------------------------------------------------------------
+
+
+def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, channels_last: bool | None = None,
+                     img_size: tuple[int, int] | None = None) -> Candidate:
+    """A PyTorch image classifier (NCHW input, logits output) prepared as ``config`` says.
+
+    ``channels_last`` and ``img_size`` override the config, for peers timed in both layouts or at their own size.
+    """
+    channels_last = config.channels_last if channels_last is None else channels_last
+    height, width = img_size or config.img_size
+    in_chans = getattr(module, "in_chans", 3)
+    module.to(config.device)
+    params, macs = _count(module, (height, width), in_chans)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module.to(memory_format=memory_format)
+    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    x = x.contiguous(memory_format=memory_format)
+    runner = torch.compile(module) if config.compile else module
+    if config.mode == "train":
+        module.train()
+        step = _train_step(runner, module.parameters(), x, config)
+    else:
+        module.eval()
+        step = _inference_step(runner, x, config)
+    return Candidate(name, "channels_last" if channels_last else "contiguous", step, (height, width),
+                     params=params, macs=macs, compiled=config.compile)
+
+
+def _count(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
+    """Parameters, and MACs per image when the summary's forward pass can run the module."""
+    try:
+        summary = summarize(module, size, in_chans=in_chans)
+    except Exception:  # a foreign module may not take this input; its parameter count is still known
+        return sum(p.numel() for p in module.parameters()), None
+    return summary.total_params, summary.total_macs
+
+
+def _inference_step(model: Callable[[torch.Tensor], Any], x: torch.Tensor,
+                    config: BenchmarkConfig) -> Callable[[], object]:
+    def step() -> object:
+        with torch.inference_mode(), _autocast(config):
+            return model(x)
+
+    return step
+
+
+def _train_step(model: Callable[[torch.Tensor], torch.Tensor], parameters: Iterator[nn.Parameter], x: torch.Tensor,
+                config: BenchmarkConfig) -> Callable[[], object]:
+    """Forward under autocast, cross-entropy on random labels, backward, SGD step (loss scaling for fp16)."""
+    optimizer = torch.optim.SGD(parameters, lr=LEARNING_RATE, momentum=MOMENTUM)
+    scaler = torch.amp.GradScaler(config.device, enabled=config.precision == "fp16")
+    labels: list[torch.Tensor] = []  # drawn at the first step, once the number of classes is known
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(config):
+            logits = model(x)
+        if not labels:
+            labels.append(torch.randint(logits.shape[-1], (x.shape[0],), device=x.device))
+        loss = F.cross_entropy(logits.float(), labels[0])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return step
+
+
+# --- peers ------------------------------------------------------------------------------------------
+
+
+def _timm_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """timm's port of the Cadene/Keras Xception, in both layouts: compare() keeps the faster."""
+    try:
+        import timm
+    except ImportError as error:
+        raise PeerUnavailable(f"timm is not installed ({error})") from error
+    return [module_candidate("timm legacy_xception", timm.create_model("legacy_xception"), config,
+                             channels_last=channels_last)
+            for channels_last in (False, True)]
+
+
+def _keras_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """keras.applications.Xception on the PyTorch backend, eager, NHWC input, ``model(x, training=False)``."""
+    if config.mode != "inference":
+        raise PeerUnavailable("the keras peer is timed in inference mode only")
+    keras = _import_keras()
+    height, width = config.img_size
+    with keras.device(config.device):
+        model = keras.applications.Xception(weights=None, input_shape=(height, width, 3))
+    x = torch.randn(config.batch_size, height, width, 3, device=config.device)
+
+    def step() -> object:
+        with keras.device(config.device), torch.no_grad(), _autocast(config):
+            return model(x, training=False)
+
+    return [Candidate("keras Xception", "NHWC", step, (height, width), params=model.count_params())]
+
+
+def _import_keras() -> Any:
+    """Keras on the torch backend. The backend is fixed at keras's first import, hence the checks."""
+    if sys.modules.get("keras") is None:
+        backend = os.environ.setdefault("KERAS_BACKEND", "torch")
+        if backend != "torch":
+            raise PeerUnavailable(f"KERAS_BACKEND={backend}; the keras peer needs KERAS_BACKEND=torch before import")
+    try:
+        import keras
+    except ImportError as error:
+        raise PeerUnavailable(f"keras cannot be imported ({error})") from error
+    if keras.backend.backend() != "torch":
+        raise PeerUnavailable(f"keras was already imported with the {keras.backend.backend()} backend; "
+                              "the keras peer needs KERAS_BACKEND=torch set before keras is first imported")
+    return keras
+
+
+def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """torchvision's Inception V3 at 299x299, for the paper's Table 3 (parameters, relative training speed)."""
+    try:
+        from torchvision.models import inception_v3
+    except ImportError as error:
+        raise PeerUnavailable(f"torchvision is not installed ({error})") from error
+    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    return [module_candidate("torchvision inception_v3", model, config, img_size=INCEPTION_SIZE)]
+
+
+PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
+    "timm": _timm_candidates,
+    "keras": _keras_candidates,
+    "inception_v3": _inception_candidates,
+}
+
+
+def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "inception_v3"), *,
+            limits: dict[str, Any] | None = None) -> list[Result]:
+    """Time ``config.model`` and its peers interleaved in one process: ours first, then each peer in order.
+
+    timm is timed in both layouts and reported in the faster (the other's speed goes in ``note``). Each
+    result gets ``ratio_vs_timm`` (its throughput over timm's best) and ``ratio_vs_ours``; a peer that cannot
+    run is a result with ``skipped`` set.
+    """
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
+    _check_device(config.device)
+    with _num_threads(config.num_threads):
+        ours = module_candidate(config.model, create_model(config.model, **config.model_options), config)
+        groups: list[list[Candidate] | Result] = [[ours]]  # a peer's candidates, or its skipped result
+        for peer in peers:
+            try:
+                groups.append(PEERS[peer](config))
+            except PeerUnavailable as reason:
+                groups.append(_skipped_result(peer, config, str(reason)))
+        measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
+    results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
+    return [_with_peak_fraction(result, limits) for result in _with_ratios(results)]
+
+
+def _fastest(group: list[Result]) -> Result:
+    """The faster layout of one candidate, noting the other layouts' throughput."""
+    best = max(group, key=lambda result: result.images_per_s or 0.0)
+    others = [f"{r.layout}: {r.images_per_s:.3g} img/s" for r in group if r is not best]
+    return dataclasses.replace(best, note="; ".join(others)) if others else best
+
+
+def _with_ratios(results: list[Result]) -> list[Result]:
+    """Ratios to timm's best and to ours, which is the first result."""
+    ours = results[0].images_per_s
+    timm = next((r.images_per_s for r in results if r.candidate == "timm legacy_xception"), None)
+    return [dataclasses.replace(result, ratio_vs_timm=_ratio(result.images_per_s, timm),
+                                ratio_vs_ours=_ratio(result.images_per_s, ours))
+            for result in results]
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def _skipped_result(peer: str, config: BenchmarkConfig, reason: str) -> Result:
+    return Result(candidate=peer, layout="-", mode=config.mode, precision=config.precision, device=config.device,
+                  batch_size=config.batch_size, img_size=config.img_size, skipped=reason)
+
+
+# --- machine limits ---------------------------------------------------------------------------------
+
+
+def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
+                   num_threads: int | None = None) -> dict[str, Any]:
+    """Best-of-``repeats`` GFLOP/s of a ``size`` x ``size`` matmul per precision: the compute a network could
+    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` (fp32, bf16, and fp16 on CUDA).
+
+    Dense matmul is the most efficient kernel there is; a depthwise separable network moves far more bytes per
+    FLOP, so a fraction well below 1 is expected, and the fraction is for comparing runs, not a target.
+    Best-of-N assumes at least one quiet repeat: measure the limits in the same conditions as the models (a
+    fraction above 1 means the limit was measured while something else used the machine).
+    """
+    _check_device(device)
+    sync = _synchronizer(device)
+    precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
+    dtypes = {"fp32": torch.float32, **AUTOCAST_DTYPES}
+    limits: dict[str, Any] = {"device": device, "size": size}
+    with _num_threads(num_threads):
+        for precision in precisions:
+            a = torch.randn(size, size, device=device, dtype=dtypes[precision])
+            b = torch.randn(size, size, device=device, dtype=dtypes[precision])
+            out = torch.mm(a, b)  # warm-up: library initialisation and kernel selection
+            sync()
+            best = math.inf
+            for _ in range(repeats):
+                start = perf_counter()
+                torch.mm(a, b, out=out)
+                sync()
+                best = min(best, perf_counter() - start)
+            limits[f"{precision}_gflops"] = 2 * size**3 / best / 1e9
+    return limits
+
+
+def peak_fraction(result: Result, limits: dict[str, Any]) -> float | None:
+    """Achieved FLOP/s over the matmul limit of the same device and precision.
+
+    FLOPs per image: 2 * MACs for inference, 6 * MACs for a training step (backward = 2 forward passes).
+    """
+    limit = limits.get(f"{result.precision}_gflops")
+    if limit is None or limits.get("device") != result.device or result.macs is None or result.images_per_s is None:
+        return None
+    flops_per_image = 2 * result.macs * (3 if result.mode == "train" else 1)
+    return flops_per_image * result.images_per_s / 1e9 / limit
+
+
+def _with_peak_fraction(result: Result, limits: dict[str, Any] | None) -> Result:
+    if limits is None:
+        return result
+    return dataclasses.replace(result, fraction_of_peak=peak_fraction(result, limits))
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+MARKDOWN_COLUMNS = ("candidate", "layout", "mode", "precision", "batch", "size", "img/s", "p50 ms", "p90 ms",
+                    "vs timm", "vs ours", "% of peak", "params", "GMACs", "peak MB", "compile s", "note")
+
+
+def results_to_markdown(results: Sequence[Result], limits: dict[str, Any] | None = None) -> str:
+    """A Markdown table, one row per result; with ``limits``, a line with the machine's limits above it and
+    the % of peak filled in for results that lack it."""
+    lines = []
+    if limits is not None:
+        rates = ", ".join(f"{key.removesuffix('_gflops')} {value:,.0f}" for key, value in limits.items()
+                          if key.endswith("_gflops"))
+        lines += [f"Machine limit ({limits['device']}, {limits['size']}x{limits['size']} matmul, GFLOP/s): {rates}",
+                  ""]
+    lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
+    for result in results:
+        fraction = result.fraction_of_peak
+        if fraction is None and limits is not None:
+            fraction = peak_fraction(result, limits)
+        note = f"skipped: {result.skipped}" if result.skipped else result.note
+        cells = (
+            result.candidate, result.layout, result.mode, result.precision, str(result.batch_size),
+            "x".join(map(str, result.img_size)), _fmt(result.images_per_s, ".2f"), _fmt(result.p50_ms, ".2f"),
+            _fmt(result.p90_ms, ".2f"), _fmt(result.ratio_vs_timm, ".2f"), _fmt(result.ratio_vs_ours, ".2f"),
+            _fmt(None if fraction is None else 100 * fraction, ".1f"),
+            _fmt(None if result.params is None else result.params / 1e6, ".2f", "M"),
+            _fmt(None if result.macs is None else result.macs / 1e9, ".2f"), _fmt(result.peak_memory_mb, ".0f"),
+            _fmt(result.compile_s, ".1f"), note.replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def results_to_json(results: Sequence[Result]) -> str:
+    return json.dumps([dataclasses.asdict(result) for result in results], indent=2)
+
+
+def results_from_json(text: str) -> list[Result]:
+    return [Result(**{**row, "img_size": tuple(row["img_size"])}) for row in json.loads(text)]
+
+
+def results_to_csv(results: Sequence[Result]) -> str:
+    """One row per result with every field; empty cells are None and ``img_size`` is ``HxW``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(Result)], lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        row = dataclasses.asdict(result)
+        row["img_size"] = "x".join(map(str, result.img_size))
+        writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def results_from_csv(text: str) -> list[Result]:
+    hints = typing.get_type_hints(Result)
+    return [Result(**{key: _parse_cell(value, hints[key]) for key, value in row.items()})
+            for row in csv.DictReader(io.StringIO(text))]
+
+
+def _parse_cell(text: str, hint: Any) -> Any:
+    """The inverse of the CSV writer for one field, from its type annotation."""
+    if typing.get_origin(hint) is tuple:
+        return tuple(int(side) for side in text.split("x"))
+    kinds = typing.get_args(hint)
+    if type(None) in kinds:  # X | None
+        if text == "":
+            return None
+        hint = next(kind for kind in kinds if kind is not type(None))
+    if hint is bool:
+        return text == "True"
+    if hint in (int, float):
+        return hint(text)
+    return text
