@@ -237,12 +237,12 @@ def test_mid_activation_runs_between_the_two_convolutions(order: str, mid: str, 
 def test_mid_bn_normalizes_between_the_two_convolutions() -> None:
     layer = SeparableConv2d(4, 6, 3, mid_activation="bn", bn_eps=1e-3).eval()
     with torch.no_grad():
-        layer.mid.running_mean.normal_()
-        layer.mid.running_var.uniform_(0.5, 2)
-        layer.mid.weight.normal_()
-        layer.mid.bias.normal_()
+        layer.mid_norm.running_mean.normal_()
+        layer.mid_norm.running_var.uniform_(0.5, 2)
+        layer.mid_norm.weight.normal_()
+        layer.mid_norm.bias.normal_()
         x = torch.randn(2, 4, 7, 7)
-        mid = layer.mid
+        mid = layer.mid_norm
         between = layer.depthwise(x)
         normalized = (between - mid.running_mean.view(1, -1, 1, 1)) / torch.sqrt(mid.running_var.view(1, -1, 1, 1)
                                                                                   + 1e-3)

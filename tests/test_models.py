@@ -408,15 +408,15 @@ def test_module_names_follow_keras(model) -> None:
     names = dict(model.named_modules())
     for name in ("blocks.block1.conv1", "blocks.block1.conv2_bn", "blocks.block2.layers.sepconv1",
                  "blocks.block2.layers.sepconv2_bn", "blocks.block4.layers.pool", "blocks.block5.layers.sepconv3",
-                 "blocks.block12.layers.sepconv3_bn", "blocks.block13.layers.sepconv2", "blocks.block14.sepconv1",
-                 "blocks.block14.sepconv2_bn", "head.predictions"):
+                 "blocks.block12.layers.sepconv3_bn", "blocks.block13.layers.sepconv2",
+                 "blocks.block14.layers.sepconv1", "blocks.block14.layers.sepconv2_bn", "head.predictions"):
         assert name in names, name
     assert "blocks.block2.layers.sepconv1_act" not in names  # block2's input is already activated
     assert "blocks.block15" not in names and "blocks.block5.layers.pool" not in names
     shortcuts = sorted(name for name, m in names.items() if name.endswith("shortcut.conv"))
     assert shortcuts == [f"blocks.block{i}.shortcut.conv" for i in (13, 2, 3, 4)]
     assert all(names[name].stride == (2, 2) and names[name].kernel_size == (1, 1) for name in shortcuts)
-    assert isinstance(names["blocks.block14.sepconv2"], SeparableConv2d)
+    assert isinstance(names["blocks.block14.layers.sepconv2"], SeparableConv2d)
 
 
 @pytest.mark.parametrize(("block", "channels", "size"), [("block3", 128, 18), ("block5", 728, 5)])

@@ -88,7 +88,7 @@ def test_parameters(model: nn.Module, summary: ModelSummary) -> None:
 
 def test_separable_convolutions_are_one_row(model: nn.Module, summary: ModelSummary) -> None:
     rows = rows_by_name(summary)
-    assert not [name for name in rows if name.endswith((".depthwise", ".pointwise", ".mid"))]
+    assert not [name for name in rows if name.endswith((".depthwise", ".pointwise", ".mid", ".mid_norm"))]
     separables = {name for name, m in model.named_modules() if isinstance(m, SeparableConv2d)}
     assert separables == {row.name for row in summary.rows if row.kind == "SeparableConv2d"}
     row = rows["blocks.block5.layers.sepconv1"]
@@ -106,7 +106,7 @@ def test_output_shapes(summary: ModelSummary) -> None:
         "blocks.block2.shortcut.conv": (128, 74, 74),
         "blocks.block4.layers.pool": (728, 19, 19),
         "blocks.block13.layers.pool": (1024, 10, 10),
-        "blocks.block14.sepconv2_act": (2048, 10, 10),
+        "blocks.block14.layers.sepconv2_act": (2048, 10, 10),
         "head.global_pool": (2048,),
         "head.predictions": (1000,),
     }
@@ -132,11 +132,11 @@ def test_total_macs_at_299_is_the_published_8_4_gigamacs(summary: ModelSummary) 
 
 
 def test_small_and_non_square_inputs(model: nn.Module) -> None:
-    assert rows_by_name(summarize(model, 71))["blocks.block14.sepconv2_act"].output_shape == (2048, 3, 3)
+    assert rows_by_name(summarize(model, 71))["blocks.block14.layers.sepconv2_act"].output_shape == (2048, 3, 3)
     rows = rows_by_name(summarize(model, (240, 320)))
     # height 240 -> 119 -> 117 -> 59 -> 30 -> 15 -> 8; width 320 -> 159 -> 157 -> 79 -> 40 -> 20 -> 10
     assert rows["blocks.block1.conv2"].output_shape == (64, 117, 157)
-    assert rows["blocks.block14.sepconv2"].output_shape == (2048, 8, 10)
+    assert rows["blocks.block14.layers.sepconv2"].output_shape == (2048, 8, 10)
 
 
 def test_table(summary: ModelSummary) -> None:
@@ -188,7 +188,7 @@ def test_variants() -> None:
     assert rows["head.global_pool"].kind == "GlobalMaxPool2d"
     assert rows["head.fc_layers.fc1"].macs == 2048 * 256 and rows["head.predictions"].macs == 256 * 10
     # The mid BatchNorm's weight and bias belong to the separable convolution's row.
-    assert rows["blocks.block14.sepconv1"].params == SeparableConv2d.count_parameters(1024, 1536) + 2 * 1024
+    assert rows["blocks.block14.layers.sepconv1"].params == SeparableConv2d.count_parameters(1024, 1536) + 2 * 1024
     assert sum(row.params for row in result.rows) == result.total_params
     assert result.total_macs == module_macs(model, (71, 71))
 

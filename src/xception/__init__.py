@@ -1,20 +1,27 @@
 """xception: the Xception network and the depthwise separable convolutions around it, exact to the paper."""
 
+from .aligned import XceptionAligned
+from .backbone import BlockSpec, FeatureExtractor, XceptionBase
 from .convert import WeightFileError
 from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
-from .models import Xception, XceptionConfig, create_model, list_models
+from .models import Xception, XceptionConfig
+from .registry import create_model, list_models
 from .weights import Weights, get_weights, list_weights, load_weights, save_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSpec",
     "Conv2dSame",
+    "FeatureExtractor",
     "MaxPool2dSame",
     "SeparableConv2d",
     "SpectrumConv2d",
     "WeightFileError",
     "Weights",
     "Xception",
+    "XceptionAligned",
+    "XceptionBase",
     "XceptionConfig",
     "create_model",
     "get_weights",

@@ -12,7 +12,7 @@ from typing import Any
 
 from .convert import WeightFileError, read_safetensors_metadata, read_weights
 from .hub import WeightsUnavailableError
-from .models import create_model, list_models
+from .registry import create_model, list_models
 from .summary import summarize
 from .weights import list_weights, save_weights
 

@@ -57,8 +57,8 @@ def read_weights(path: str | Path, model: nn.Module) -> tuple[str, dict[str, tor
     if kind == "keras-h5":
         return read_keras_h5(path, model)
     if kind == "safetensors":
-        return read_safetensors(path)
-    return read_pytorch(path, model)
+        return name_state_dict(read_safetensors(path), model, path, "safetensors")
+    return name_state_dict(read_pytorch(path), model, path, ".pth")
 
 
 # --- Keras HDF5 ------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def torch_name(path: str, module: nn.Module, role: str) -> str:
 
 # --- PyTorch state dicts ------------------------------------------------------------------------
 
-def read_pytorch(path: Path, model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+def read_pytorch(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a checkpoint is data; never run pickled code from it.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -196,15 +196,22 @@ def read_pytorch(path: Path, model: nn.Module) -> tuple[str, dict[str, torch.Ten
         raise WeightFileError(f"could not read {path} as a PyTorch checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); the file may be truncated, "
                               "corrupt, or contain code rather than tensors") from error
-    state = unwrap_state_dict(checkpoint, path)
+    return unwrap_state_dict(checkpoint, path)
+
+
+def name_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path,
+                    container: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """Recognise whose names a state dict uses (this library's, timm's or Cadene's) and rename to ours."""
     keys = list(state)
-    if any(k.startswith("blocks.") for k in keys):
-        return "xception state dict (.pth)", state
+    if "stem.0.conv.weight" in state:
+        return f"timm xception_aligned ({container})", timm_aligned_to_state_dict(state)
     if "conv1.weight" in state and any(re.match(r"block\d+\.rep\.", k) for k in keys):
-        source = "Cadene xception (.pth)" if "last_linear.weight" in state else "timm legacy_xception (.pth)"
-        return source, timm_to_state_dict(state, model)
-    raise WeightFileError(f"{path} is a PyTorch state dict but not an Xception one (timm legacy_xception, Cadene "
-                          f"xception or this library's): its keys start {keys[:3]}")
+        source = "Cadene xception" if "last_linear.weight" in state else "timm legacy_xception"
+        return f"{source} ({container})", timm_to_state_dict(state, model)
+    if any(k.startswith("blocks.") for k in keys):
+        return ("xception safetensors" if container == "safetensors" else "xception state dict (.pth)"), state
+    raise WeightFileError(f"{path} is a {container} state dict but not an Xception one (timm legacy_xception or "
+                          f"xception_aligned, Cadene xception, or this library's): its keys start {keys[:3]}")
 
 
 def unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -227,8 +234,9 @@ def timm_to_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict
     """
     tail = [name for name, _ in model.blocks.named_children()][-1]
     fixed = {"conv1": "blocks.block1.conv1", "bn1": "blocks.block1.conv1_bn", "conv2": "blocks.block1.conv2",
-             "bn2": "blocks.block1.conv2_bn", "conv3": f"blocks.{tail}.sepconv1", "bn3": f"blocks.{tail}.sepconv1_bn",
-             "conv4": f"blocks.{tail}.sepconv2", "bn4": f"blocks.{tail}.sepconv2_bn", "fc": "head.predictions",
+             "bn2": "blocks.block1.conv2_bn", "conv3": f"blocks.{tail}.layers.sepconv1",
+             "bn3": f"blocks.{tail}.layers.sepconv1_bn", "conv4": f"blocks.{tail}.layers.sepconv2",
+             "bn4": f"blocks.{tail}.layers.sepconv2_bn", "fc": "head.predictions",
              "last_linear": "head.predictions"}
     # rep indices per block, in order, split into separable convs and BNs
     reps: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"sep": [], "bn": []})
@@ -263,14 +271,44 @@ def timm_to_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict
     return converted
 
 
+# timm xception_aligned names -> ours, as (pattern, replacement) applied in order to each key.
+TIMM_ALIGNED_RENAMES = [
+    (r"^stem\.0\.conv\.", "blocks.stem.conv1."),
+    (r"^stem\.0\.bn\.", "blocks.stem.conv1_bn."),
+    (r"^stem\.1\.conv\.", "blocks.stem.conv2."),
+    (r"^stem\.1\.bn\.", "blocks.stem.conv2_bn."),
+    (r"^stem\.1\.weight$", "blocks.stem.conv2.weight"),  # pre-activation: a bare conv
+    (r"^blocks\.(\d+)\.", lambda m: f"blocks.block{int(m.group(1)) + 1}."),
+    (r"\.shortcut\.weight$", ".shortcut.conv.weight"),  # pre-activation: a bare conv
+    (r"\.stack\.conv(\d)\.conv_dw\.", r".layers.sepconv\1.depthwise."),
+    (r"\.stack\.conv(\d)\.bn_dw\.", r".layers.sepconv\1.mid_norm."),
+    (r"\.stack\.conv(\d)\.conv_pw\.", r".layers.sepconv\1.pointwise."),
+    (r"\.stack\.conv(\d)\.bn_pw\.", r".layers.sepconv\1_bn."),
+    (r"\.stack\.conv(\d)\.norm\.", r".layers.sepconv\1_norm."),
+    (r"^(blocks\.block\d+)\.norm\.", r"\1.entry.bn."),
+    (r"^head\.fc\.", "head.predictions."),
+]
+
+
+def timm_aligned_to_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm aligned names (``blocks.3.stack.conv2.bn_dw``) -> ours (``blocks.block4.layers.sepconv2.mid``)."""
+    converted = {}
+    for key, value in state.items():
+        name = key
+        for pattern, replacement in TIMM_ALIGNED_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        converted[name] = value
+    return converted
+
+
 # --- safetensors -----------------------------------------------------------------------------------
 
-def read_safetensors(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return "xception safetensors", load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightFileError(f"could not read {path} as safetensors ({error}); the file may be truncated or "
                               "corrupt") from error

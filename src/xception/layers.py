@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 Order = Literal["depthwise_first", "pointwise_first"]
-MidOperation = Literal[None, "relu", "elu", "bn"]
+MidOperation = Literal[None, "relu", "elu", "bn", "bn_relu"]
+Padding = Literal["same", "symmetric"]
 
-MID_OPERATIONS = (None, "relu", "elu", "bn")
+MID_OPERATIONS = (None, "relu", "elu", "bn", "bn_relu")
 ORDERS = ("depthwise_first", "pointwise_first")
 
 
@@ -86,18 +87,41 @@ class MaxPool2dSame(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=tf_same"
 
 
-def make_mid_operation(mid: MidOperation, channels: int, bn_eps: float = 1e-3,
-                       bn_momentum: float = 0.01) -> nn.Module:
-    """The operation between the two halves of a separable convolution (the paper's Figure 10)."""
-    if mid is None:
-        return nn.Identity()
-    if mid == "relu":
-        return nn.ReLU(inplace=True)
-    if mid == "elu":
-        return nn.ELU(inplace=True)
-    if mid == "bn":
-        return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
-    raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of the samples and rescale
+    the others by 1 / (1 - rate), so that the expected output is unchanged. The identity in evaluation."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def make_mid_operations(mid: MidOperation, channels: int, bn_eps: float = 1e-3,
+                        bn_momentum: float = 0.01) -> tuple[nn.Module, nn.Module]:
+    """The (normalisation, activation) pair between the two halves of a separable convolution."""
+    if mid not in MID_OPERATIONS:
+        raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
+    norm: nn.Module = nn.Identity()
+    if mid in ("bn", "bn_relu"):
+        norm = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+    activation: nn.Module = nn.Identity()
+    if mid in ("relu", "bn_relu"):
+        activation = nn.ReLU(inplace=True)
+    elif mid == "elu":
+        activation = nn.ELU(inplace=True)
+    return norm, activation
 
 
 class SeparableConv2d(nn.Module):
@@ -110,10 +134,12 @@ class SeparableConv2d(nn.Module):
         order: ``"depthwise_first"`` (Xception, TensorFlow's SeparableConv2D) or ``"pointwise_first"``
             (the "extreme Inception" module: 1x1 first, then one spatial filter per channel).
         mid_activation: what runs between the two convolutions: ``None`` (Xception), ``"relu"``,
-            ``"elu"`` (the paper's Figure 10), or ``"bn"`` (the DeepLab variants).
+            ``"elu"`` (the paper's Figure 10), ``"bn"`` or ``"bn_relu"`` (the DeepLab "aligned" variants).
         segments: independent channel groups of the spatial convolution; ``None`` means one per channel
             (a depthwise convolution). 1 makes the spatial convolution a regular one.
         bias: add a bias to whichever convolution comes last.
+        padding: ``"same"`` (TensorFlow-exact, asymmetric where TensorFlow is) or ``"symmetric"``
+            (PyTorch's ``(stride - 1 + dilation * (k - 1)) // 2`` on both sides, as timm's models use).
 
     :meth:`count_parameters` gives the parameter count in closed form.
     """
@@ -121,8 +147,10 @@ class SeparableConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                  dilation: int = 1, depth_multiplier: int = 1, order: Order = "depthwise_first",
                  mid_activation: MidOperation = None, segments: int | None = None, bias: bool = False,
-                 bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
+                 padding: Padding = "same", bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
         super().__init__()
+        if padding not in ("same", "symmetric"):
+            raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "pointwise_first" and depth_multiplier != 1:
@@ -140,15 +168,21 @@ class SeparableConv2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
 
-        spatial = Conv2dSame(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
-                             groups=segments, bias=bias and order == "pointwise_first")
+        spatial_bias = bias and order == "pointwise_first"
+        if padding == "same":
+            spatial = Conv2dSame(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
+                                 groups=segments, bias=spatial_bias)
+        else:
+            spatial = nn.Conv2d(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
+                                padding=(stride - 1 + dilation * (kernel_size - 1)) // 2, groups=segments,
+                                bias=spatial_bias)
         if order == "depthwise_first":
             self.depthwise = spatial
-            self.mid = make_mid_operation(mid_activation, spatial_out, bn_eps, bn_momentum)
+            self.mid_norm, self.mid = make_mid_operations(mid_activation, spatial_out, bn_eps, bn_momentum)
             self.pointwise = nn.Conv2d(spatial_out, out_channels, 1, bias=bias)
         else:
             self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-            self.mid = make_mid_operation(mid_activation, out_channels, bn_eps, bn_momentum)
+            self.mid_norm, self.mid = make_mid_operations(mid_activation, out_channels, bn_eps, bn_momentum)
             self.depthwise = spatial
 
     @staticmethod
@@ -171,8 +205,8 @@ class SeparableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.order == "depthwise_first":
-            return self.pointwise(self.mid(self.depthwise(x)))
-        return self.depthwise(self.mid(self.pointwise(x)))
+            return self.pointwise(self.mid(self.mid_norm(self.depthwise(x))))
+        return self.depthwise(self.mid(self.mid_norm(self.pointwise(x))))
 
 
 class SpectrumConv2d(SeparableConv2d):

@@ -1,0 +1,196 @@
+"""The DeepLab "aligned" Xception family (Chen et al. 2018): Xception-41/65/71 and the pre-activation 41p/65p.
+
+They differ from the paper's network in four ways: a strided separable convolution replaces each max-pool;
+BatchNorm follows every depthwise convolution too; every block has three separable convolutions and the
+middle flow is deeper; the exit flow's last block has no shortcut. The pre-activation variants move BN +
+ReLU in front of each convolution. Layouts and parameter counts are those of timm's ``xception_aligned``
+(whose checkpoints load directly), with symmetric padding as there.
+
+Each network is a list of :class:`~xception.backbone.BlockSpec`: the same compact configuration as the
+paper's network.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import (
+    BlockPlan,
+    BlockSpec,
+    ClassifierHead,
+    ResidualBlock,
+    XceptionBase,
+    check_multi_grid,
+    drop_path_rates,
+    feature_taps,
+    plan_blocks,
+)
+from .layers import SeparableConv2d
+
+BN_MOMENTUM = 0.1  # timm's, which trained the ra3 weights
+
+
+def aligned_specs(entry: list[tuple[int, int]], middle_repeats: int) -> list[BlockSpec]:
+    """Entry flow ``(width, stride)`` blocks, ``middle_repeats`` 728-wide blocks, the exit flow."""
+    return [
+        *(BlockSpec((width,) * 3, stride=stride) for width, stride in entry),
+        *(BlockSpec((728,) * 3) for _ in range(middle_repeats)),
+        BlockSpec((728, 1024, 1024), stride=2),
+        BlockSpec((1536, 1536, 2048), preact=False, skip=False),
+    ]
+
+
+ENTRY_41_65 = [(128, 2), (256, 2), (728, 2)]
+ENTRY_71 = [(128, 2), (256, 1), (256, 2), (728, 1), (728, 2)]  # 71 splits each stride from its widening
+
+
+def aligned_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], eps: float,
+                  drop_path: float) -> ResidualBlock:
+    """``(ReLU, SepConv[dw BN], BN) x 3`` with the stride in the last conv; a block that does not start with
+    ReLU has BN + ReLU between depthwise and pointwise and a ReLU after each BN instead."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = in_channels
+    for i, width in enumerate(spec.widths, start=1):
+        if spec.preact:
+            layers[f"sepconv{i}_act"] = nn.ReLU(inplace=i > 1)  # the first keeps the input for the shortcut
+        layers[f"sepconv{i}"] = SeparableConv2d(
+            channels, width, 3, stride=plan.stride if i == len(spec.widths) else 1,
+            dilation=plan.dilation * rates[i - 1], mid_activation="bn" if spec.preact else "bn_relu",
+            padding="symmetric", bn_eps=eps, bn_momentum=BN_MOMENTUM)
+        layers[f"sepconv{i}_bn"] = nn.BatchNorm2d(width, eps=eps, momentum=BN_MOMENTUM)
+        if not spec.preact:
+            layers[f"sepconv{i}_act"] = nn.ReLU(inplace=True)
+        channels = width
+    shortcut = None
+    if spec.skip and (plan.stride > 1 or spec.stride > 1 or in_channels != channels):
+        shortcut = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(in_channels, channels, 1, stride=plan.stride, bias=False),
+            bn=nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)))
+    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, drop_path=drop_path)
+
+
+def preact_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], eps: float,
+                 drop_path: float) -> ResidualBlock:
+    """BN + ReLU on the block input (which the shortcut takes too), then three plain separable convs with
+    BN + ReLU between them; the shortcut is a bare 1x1 conv."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = in_channels
+    for i, width in enumerate(spec.widths, start=1):
+        if i > 1:
+            layers[f"sepconv{i}_norm"] = nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+            layers[f"sepconv{i}_norm_act"] = nn.ReLU(inplace=True)
+        layers[f"sepconv{i}"] = SeparableConv2d(
+            channels, width, 3, stride=plan.stride if i == len(spec.widths) else 1,
+            dilation=plan.dilation * rates[i - 1], padding="symmetric")
+        channels = width
+    shortcut = None
+    if spec.skip and (plan.stride > 1 or spec.stride > 1 or in_channels != channels):
+        shortcut = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, channels, 1, stride=plan.stride,
+                                                            bias=False)))
+    entry = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(in_channels, eps=eps, momentum=BN_MOMENTUM),
+                                      act=nn.ReLU(inplace=True)))
+    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, entry=entry, drop_path=drop_path)
+
+
+class AlignedStem(nn.Module):
+    """Two 3x3 convolutions (the first with stride 2), padded symmetrically; in pre-activation networks the
+    second has no BN or ReLU, since the first block starts with them."""
+
+    def __init__(self, in_chans: int, eps: float, preact: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False)
+        self.conv1_bn = nn.BatchNorm2d(32, eps=eps, momentum=BN_MOMENTUM)
+        self.conv1_act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.conv2_bn = nn.Identity() if preact else nn.BatchNorm2d(64, eps=eps, momentum=BN_MOMENTUM)
+        self.conv2_act = nn.Identity() if preact else nn.ReLU(inplace=True)
+        self.out_channels = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1_act(self.conv1_bn(self.conv1(x)))
+        return self.conv2_act(self.conv2_bn(self.conv2(x)))
+
+
+class XceptionAligned(XceptionBase):
+    """An aligned Xception: stem, blocks from ``specs``, (pre-activation: a final ReLU), classifier head."""
+
+    def __init__(self, specs: list[BlockSpec], *, preact: bool, bn_eps: float, model_name: str,
+                 num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, output_stride: int = 32,
+                 multi_grid: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.model_name = model_name
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.preact = preact
+        self.output_stride = output_stride
+        self.multi_grid = multi_grid
+        self.drop_path_rate = drop_path_rate
+        self.min_input_size = 32  # final feature map at least 1x1
+
+        plans = plan_blocks(specs, 2, output_stride)
+        rates = check_multi_grid(multi_grid, specs[-1])
+        path_rates = drop_path_rates(drop_path_rate, specs)
+        make_block = preact_block if preact else aligned_block
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(stem=AlignedStem(in_chans, bn_eps, preact))
+        channels = 64
+        for index, (spec, plan) in enumerate(zip(specs, plans, strict=True), start=1):
+            last = index == len(specs)
+            block = make_block(channels, spec, plan, rates if last else (1,) * len(spec.widths), bn_eps,
+                               path_rates[index - 1])
+            blocks[f"block{index}"] = block
+            channels = block.out_channels
+        self.blocks = nn.Sequential(blocks)
+        # Pre-activation blocks end on a sum: the network's output still needs its ReLU.
+        self.final_act = nn.ReLU() if preact else nn.Identity()
+        self.num_features = channels
+        self.tap_blocks = feature_taps(plans, 2)
+        names = list(blocks)
+        self.feature_info = [
+            {"num_chs": 64 if i == 0 else blocks[names[i]].out_channels,
+             "reduction": 2 if i == 0 else plans[i - 1].reduction,
+             "module": f"blocks.{names[i]}"}
+            for i in self.tap_blocks]
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, (), drop_rate)
+        self.head_hidden_size = self.head.hidden_size
+        self.reset_parameters()
+
+
+def build(name: str, specs: list[BlockSpec], preact: bool, bn_eps: float, options: dict[str, Any]) -> XceptionAligned:
+    architecture = {"num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate", "output_stride",
+                    "multi_grid"}
+    unknown = sorted(set(options) - architecture)
+    if unknown:
+        raise TypeError(f"unknown {name} option(s) {unknown}; valid options are {sorted(architecture)}")
+    return XceptionAligned(specs, preact=preact, bn_eps=bn_eps, model_name=name, **options)
+
+
+def xception41(**options: Any) -> XceptionAligned:
+    """Aligned Xception-41 (26,969,560 parameters)."""
+    return build("xception41", aligned_specs(ENTRY_41_65, 8), preact=False, bn_eps=1e-3, options=options)
+
+
+def xception65(**options: Any) -> XceptionAligned:
+    """Aligned Xception-65 (39,916,312 parameters)."""
+    return build("xception65", aligned_specs(ENTRY_41_65, 16), preact=False, bn_eps=1e-3, options=options)
+
+
+def xception71(**options: Any) -> XceptionAligned:
+    """Aligned Xception-71 (42,338,736 parameters)."""
+    return build("xception71", aligned_specs(ENTRY_71, 16), preact=False, bn_eps=1e-3, options=options)
+
+
+def xception41p(**options: Any) -> XceptionAligned:
+    """Pre-activation aligned Xception-41 (26,907,752 parameters; BN eps 1e-5, as trained)."""
+    return build("xception41p", aligned_specs(ENTRY_41_65, 8), preact=True, bn_eps=1e-5, options=options)
+
+
+def xception65p(**options: Any) -> XceptionAligned:
+    """Pre-activation aligned Xception-65 (39,819,560 parameters)."""
+    return build("xception65p", aligned_specs(ENTRY_41_65, 16), preact=True, bn_eps=1e-3, options=options)

@@ -1,0 +1,75 @@
+"""The model registry: ``create_model`` and ``list_models``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import aligned, models
+from .backbone import FeatureExtractor, XceptionBase
+from .weights import load_weights
+
+MODELS: dict[str, Callable[..., XceptionBase]] = {
+    "xception": models.xception,
+    "xception41": aligned.xception41,
+    "xception65": aligned.xception65,
+    "xception71": aligned.xception71,
+    "xception41p": aligned.xception41p,
+    "xception65p": aligned.xception65p,
+}
+
+
+def list_models() -> list[str]:
+    """Names that :func:`create_model` accepts."""
+    return sorted(MODELS)
+
+
+def create_model(name: str, *, weights: str | Path | None = None, num_classes: int = 1000, in_chans: int = 3,
+                 global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 output_stride: int = 32, multi_grid: tuple[int, ...] | None = None, features_only: bool = False,
+                 out_indices: tuple[int, ...] | list[int] | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, **config: Any) -> XceptionBase | FeatureExtractor:
+    """Build a registered model, optionally with weights.
+
+    Args:
+        name: one of :func:`list_models`.
+        weights: a registered weights name (see :func:`xception.list_weights`, e.g. ``"imagenet"``), or the
+            path of a weight file: Keras HDF5, timm/Cadene state dict (.pth), or safetensors.
+        num_classes: classifier outputs; 0 returns pooled features.
+        in_chans: input channels. Registered weights adapt their first convolution to it.
+        global_pool: ``"avg"``, ``"max"`` or ``""`` (no pooling: the final feature map; needs num_classes=0).
+        drop_rate: dropout before the classifier, active in training mode (the paper used 0.5 on ImageNet).
+        drop_path_rate: stochastic depth of the last residual block, rising linearly from 0 at the first.
+        output_stride: 32, 16 or 8: later strides become dilation (DeepLab); weights load unchanged.
+        multi_grid: dilation multipliers for the last block's separable convolutions, e.g. (1, 2, 4).
+        features_only: return a :class:`~xception.backbone.FeatureExtractor` giving the feature maps
+            ``out_indices`` (default all; see its ``feature_info``) instead of logits.
+        device, dtype: where and in which precision to create the parameters.
+        **config: architecture knobs of the model (for "xception", see :class:`XceptionConfig`).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    if features_only:
+        num_classes, global_pool = 0, ""
+    elif out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
+    with torch.device(device) if device is not None else _no_device():
+        model = MODELS[name](num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
+                             drop_rate=drop_rate, drop_path_rate=drop_path_rate, output_stride=output_stride,
+                             multi_grid=multi_grid, **config)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if weights is not None:
+        load_weights(model, weights)
+    return FeatureExtractor(model, out_indices) if features_only else model
+
+
+class _no_device:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
