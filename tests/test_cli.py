@@ -196,3 +196,18 @@ def test_convert_keeps_the_architecture_of_a_saved_file(tmp_path: Path, capsys) 
         read_safetensors_metadata(src)["architecture"])
     assert_same_weights(xception.create_model("xception", num_classes=5, numerics="timm", middle_repeats=2,
                                               weights=dst), saved)
+
+
+def test_benchmark_json(capsys):
+    import json as json_module
+
+    code = main(["benchmark", "--set", "middle_repeats=0", "--img-size", "71", "--warmup", "1", "--repeats", "1",
+                 "--iterations", "1", "--format", "json"])
+    assert code == 0
+    results = json_module.loads(capsys.readouterr().out)
+    assert len(results) == 1 and results[0]["candidate"] == "xception" and results[0]["images_per_s"] > 0
+
+
+def test_benchmark_compare_refuses_a_different_architecture(capsys):
+    assert main(["benchmark", "--compare", "--set", "middle_repeats=0"]) == 2
+    assert "--compare" in capsys.readouterr().err

@@ -21,3 +21,10 @@ def test_quick_start_has_exactly_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert quick_start_commands()[1] in ci
+
+
+def test_model_table_is_the_commands_output():
+    """Every figure in the README's model table comes from `xception models --markdown`."""
+    from xception.cli import model_table
+
+    assert model_table() in (ROOT / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""The ``xception`` command line: ``summary``, ``models`` and ``convert``."""
+"""The ``xception`` command line: ``summary``, ``models``, ``convert`` and ``benchmark``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .convert import WeightFileError, read_safetensors_metadata, read_weights
 from .hub import WeightsUnavailableError
 from .registry import create_model, list_models
 from .summary import summarize
-from .weights import list_weights, save_weights
+from .weights import get_weights, list_weights, save_weights
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -40,10 +40,33 @@ def command_summary(args: argparse.Namespace) -> int:
 
 
 def command_models(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(model_table(args.img_size))
+        return 0
     for name in list_models():
         weights = ", ".join(list_weights(name)) or "-"
         print(f"{name:<12} weights: {weights}")
     return 0
+
+
+def model_table(img_size: int = 299) -> str:
+    """A markdown table of every model: size, cost, feature maps and registered weights."""
+    lines = [f"| model | parameters | GMACs at {img_size} | feature channels | feature strides | weights |",
+             "|---|---:|---:|---|---|---|"]
+    for name in list_models():
+        model = create_model(name)
+        summary = summarize(model, img_size)
+        channels = ", ".join(str(info["num_chs"]) for info in model.feature_info)
+        strides = ", ".join(str(info["reduction"]) for info in model.feature_info)
+        weights = []
+        for weights_name in list_weights(name):
+            registered = get_weights(name, weights_name)
+            metrics = registered.meta["metrics"]["ImageNet-1k"]
+            weights.append(f"`{weights_name}`: {registered.meta['source']}, "
+                           f"top-1 {metrics['top1']} / top-5 {metrics['top5']}")
+        lines.append(f"| `{name}` | {summary.total_params:,} | {summary.total_macs / 1e9:.2f} | {channels} | "
+                     f"{strides} | {'; '.join(weights) or '-'} |")
+    return "\n".join(lines)
 
 
 def command_convert(args: argparse.Namespace) -> int:
@@ -66,6 +89,32 @@ def command_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_benchmark(args: argparse.Namespace) -> int:
+    """Speed of one configuration, or of ours against the peers measured interleaved in the same run."""
+    from . import benchmark
+
+    if args.compare and (args.model != "xception" or args.set):
+        raise ValueError("--compare measures the paper's network against the peers' implementations of it: "
+                         "use --model xception without --set")
+    config = benchmark.BenchmarkConfig(
+        model=args.model, model_options=parse_options(args.set), batch_size=args.batch_size, img_size=args.img_size,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile, mode=args.mode,
+        warmup=args.warmup, repeats=args.repeats, iterations=args.iterations, device=args.device,
+        num_threads=args.threads)
+    limits = benchmark.machine_limits(device=args.device, num_threads=args.threads) if args.limits else None
+    if args.compare:
+        results = benchmark.compare(config, peers=tuple(p for p in args.peers.split(",") if p), limits=limits)
+    else:
+        results = [benchmark.measure(None, config, limits=limits)]
+    formats = {"markdown": lambda r: benchmark.results_to_markdown(r, limits), "json": benchmark.results_to_json,
+               "csv": benchmark.results_to_csv}
+    text = formats[args.format](results)
+    if args.output:
+        args.output.write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,7 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(run=command_summary)
 
     models = commands.add_parser("models", help="list models and their registered weights")
+    models.add_argument("--markdown", action="store_true",
+                        help="print the README's model table (parameters, MACs, feature maps, weights)")
+    models.add_argument("--img-size", type=int, default=299, help="input size for the MACs column")
     models.set_defaults(run=command_models)
+
+    bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
+    bench.add_argument("--model", default="xception", choices=list_models())
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--img-size", type=int, default=299)
+    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    bench.add_argument("--channels-last", action="store_true")
+    bench.add_argument("--compile", action="store_true", help="torch.compile (compile time is reported)")
+    bench.add_argument("--mode", choices=("inference", "train"), default="inference")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    bench.add_argument("--iterations", type=int, default=10, help="iterations per timed run")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    bench.add_argument("--compare", action="store_true", help="also measure the peers, interleaved with ours")
+    bench.add_argument("--peers", default="timm,keras,inception_v3", help="comma-separated peers for --compare")
+    bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report % of peak")
+    bench.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
+    bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
+    bench.set_defaults(run=command_benchmark)
 
     convert = commands.add_parser("convert", help="convert Keras .h5 or timm/Cadene .pth weights to safetensors")
     convert.add_argument("source", type=Path)

@@ -32,15 +32,33 @@ class WeightFile:
 
     filename: str
     urls: tuple[str, ...]
-    md5: str
+    md5: str | None
     num_bytes: int
+    # Where only a SHA-256 prefix is published (torch hub's file-name convention, e.g. "-e6439c97.pth").
+    sha256_prefix: str | None = None
 
     def __post_init__(self) -> None:
         # Typos should fail where the file is declared, not as a "checksum mismatch" after a long download.
         if isinstance(self.urls, str) or not self.urls:
             raise ValueError(f"{self.filename}: urls must be a non-empty tuple of URLs, got {self.urls!r}")
-        if not re.fullmatch(r"[0-9a-f]{32}", self.md5):
+        if self.md5 is None and self.sha256_prefix is None:
+            raise ValueError(f"{self.filename}: give an md5 or a sha256_prefix; an unpinned file is not accepted")
+        if self.md5 is not None and not re.fullmatch(r"[0-9a-f]{32}", self.md5):
             raise ValueError(f"{self.filename}: md5 must be 32 lowercase hex digits, got {self.md5!r}")
+        if self.sha256_prefix is not None and not re.fullmatch(r"[0-9a-f]{8,64}", self.sha256_prefix):
+            raise ValueError(f"{self.filename}: sha256_prefix must be 8 to 64 lowercase hex digits, "
+                             f"got {self.sha256_prefix!r}")
+
+    def checksum_problem(self, md5: str, sha256: str) -> str | None:
+        """What is wrong with a file of these digests, or None when it is this file."""
+        if self.md5 is not None and md5 != self.md5:
+            return f"expected md5 {self.md5}, found {md5}"
+        if self.sha256_prefix is not None and not sha256.startswith(self.sha256_prefix):
+            return f"expected sha256 starting {self.sha256_prefix}, found {sha256}"
+        return None
+
+    def pin(self) -> str:
+        return f"MD5 {self.md5}" if self.md5 is not None else f"SHA-256 starting {self.sha256_prefix}"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -58,11 +76,17 @@ def cache_dir() -> Path:
 
 def md5sum(path: Path) -> str:
     """Hex MD5 of a file, read in 1 MiB chunks so that a large checkpoint never sits in memory whole."""
-    digest = hashlib.md5(usedforsecurity=False)
+    return digests(path)[0]
+
+
+def digests(path: Path) -> tuple[str, str]:
+    """Hex MD5 and SHA-256 of a file, in one pass of 1 MiB chunks."""
+    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
 
 
 def verify_file(path: Path, file: WeightFile) -> None:
@@ -74,8 +98,8 @@ def verify_file(path: Path, file: WeightFile) -> None:
     size = path.stat().st_size
     if size != file.num_bytes:
         problem = f"expected {file.num_bytes} bytes, found {size}"
-    elif (found := md5sum(path)) != file.md5:
-        problem = f"expected md5 {file.md5}, found {found}"
+    elif (found := file.checksum_problem(*digests(path))) is not None:
+        problem = found
     else:
         return
     raise WeightsUnavailableError(
@@ -106,7 +130,7 @@ def fetch(file: WeightFile, *, directory: Path | None = None, progress: bool = T
     raise WeightsUnavailableError(
         f"could not download {file.filename}; every URL failed:\n" + "\n".join(failures) + "\n"
         f"Download {file.filename} from {file.urls[0]}{mirrors} and put it at {target}; "
-        f"expected size {file.num_bytes} bytes, MD5 {file.md5}. Or pass the path of a local copy as weights=<path>."
+        f"expected size {file.num_bytes} bytes, {file.pin()}. Or pass the path of a local copy as weights=<path>."
     )
 
 
@@ -116,7 +140,7 @@ def _download(url: str, target: Path, file: WeightFile, progress: bool) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "xception"})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or file.num_bytes)
-        digest, size = hashlib.md5(usedforsecurity=False), 0
+        md5, sha256, size = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
         with tempfile.NamedTemporaryFile(
             dir=target.parent, prefix=f"{file.filename}.", suffix=".part", delete=False
         ) as part:
@@ -127,13 +151,14 @@ def _download(url: str, target: Path, file: WeightFile, progress: bool) -> None:
                         if size > file.num_bytes:  # Do not let a wrong page or file fill the disk.
                             raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got more")
                         part.write(chunk)
-                        digest.update(chunk)
+                        md5.update(chunk)
+                        sha256.update(chunk)
                         bar.update(len(chunk))
                 part.close()  # Windows cannot rename an open file.
                 if size != file.num_bytes:
                     raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got {size}")
-                if (got := digest.hexdigest()) != file.md5:
-                    raise WeightsUnavailableError(f"checksum mismatch: expected md5 {file.md5}, got {got}")
+                if (problem := file.checksum_problem(md5.hexdigest(), sha256.hexdigest())) is not None:
+                    raise WeightsUnavailableError(f"checksum mismatch: {problem}")
                 os.replace(part.name, target)
             finally:
                 Path(part.name).unlink(missing_ok=True)  # Already gone after a successful rename.

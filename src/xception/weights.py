@@ -100,6 +100,34 @@ register_weights(Weights(
 ))
 
 
+TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+
+# DeepLab's TensorFlow ImageNet checkpoints of the aligned models, as ported to PyTorch by timm. Only the
+# SHA-256 prefix in each file name and the file sizes are published (timm's model documentation), so those
+# pin the files. Accuracy as timm reports it for these files.
+for _model, _digest, _size, _top1, _top5 in [
+    ("xception41", "e6439c97", 108_422_028, 78.54, 94.28),
+    ("xception65", "c9ae96e8", 160_536_780, 79.55, 94.66),
+    ("xception71", "8eec7df1", 170_295_556, 79.88, 94.93),
+]:
+    _filename = f"tf_{_model.replace('xception', 'xception_')}-{_digest}.pth"
+    register_weights(Weights(
+        model=_model,
+        name="tf_in1k",
+        file=WeightFile(_filename, (TIMM_RELEASES + _filename,), md5=None, num_bytes=_size, sha256_prefix=_digest),
+        notop_file=None,
+        num_classes=1000,
+        meta={
+            "categories": "imagenet",
+            "metrics": {"ImageNet-1k": {"top1": _top1, "top5": _top5}},
+            "source": "DeepLab (tensorflow/models) ImageNet checkpoints, ported to PyTorch by timm",
+            "license": "Apache-2.0",
+        },
+        transform_config={"resize_size": 331, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
+                          "std": (0.5,) * 3},
+    ))
+
+
 def list_weights(model: str | None = None) -> list[str]:
     """Registered weights as ``"model.name"`` (or just names, for one model)."""
     if model is not None:
@@ -121,7 +149,8 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
 
     A registered name is fetched (cached, checksum-verified) in the variant that fits the model: for another
     class count that is the file without classifier, and the model's new head keeps its initialisation.
-    A path must fit exactly. Either way a file that does not fit raises
+    Likewise its first convolution is adapted to the model's ``in_chans`` (summed over the RGB filters for one
+    channel; repeated and rescaled for more). A path must fit exactly. Either way a file that does not fit raises
     :class:`~xception.convert.WeightFileError` naming the format and the first mismatching tensor, with the
     model unchanged.
     """
@@ -134,11 +163,29 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
         if model.num_classes != registered.num_classes:
             may_lack = ("head.",)
     file_format, state = read_weights(path, model)
+    if registered is not None:
+        adapt_input_conv(model, state)
     check_fits(model, state, path, file_format, may_lack=may_lack)
     expected = model.state_dict()
     # BatchNorm's step counter is not a weight; files from other frameworks do not have it.
     model.load_state_dict({name: state.get(name, expected[name]) for name in expected})
     return file_format
+
+
+def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make RGB first-convolution weights fit a model with another number of input channels, keeping the
+    response to a grey image (the same value in every channel): exactly for one channel or a multiple of
+    three, approximately otherwise."""
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    key, channels = f"{name}.weight", conv.in_channels
+    weight = state.get(key)
+    if weight is None or weight.shape[1] == channels:
+        return
+    if channels == 1:
+        state[key] = weight.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-channels // weight.shape[1])
+        state[key] = weight.repeat(1, repeats, 1, 1)[:, :channels] * (weight.shape[1] / channels)
 
 
 def registered_weights(model: nn.Module, weights: str | Path) -> Weights | None:
