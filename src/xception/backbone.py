@@ -99,11 +99,15 @@ class ResidualBlock(nn.Module):
 
 
 def drop_path_rates(rate: float, blocks: list[BlockSpec]) -> list[float]:
-    """Stochastic depth rising linearly from 0 to ``rate`` over the residual blocks."""
+    """Stochastic depth rising linearly from 0 at the first residual block to ``rate`` at the last; blocks
+    without a residual connection get none (dropping them would drop the whole signal)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
-    n = len(blocks)
-    return [rate * i / max(n - 1, 1) for i in range(n)]
+    residual = [i for i, spec in enumerate(blocks) if spec.skip]
+    rates = [0.0] * len(blocks)
+    for position, index in enumerate(residual):
+        rates[index] = rate * position / max(len(residual) - 1, 1)
+    return rates
 
 
 class ClassifierHead(nn.Module):

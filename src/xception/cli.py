@@ -1,4 +1,4 @@
-"""The ``xception`` command line: ``summary``, ``models``, ``convert`` and ``benchmark``."""
+"""The ``xception`` command line: train, eval, predict, summary, models, convert, benchmark."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .checkpoint import CheckpointError
 from .convert import WeightFileError, read_safetensors_metadata, read_weights
 from .hub import WeightsUnavailableError
 from .registry import create_model, list_models
 from .summary import summarize
+from .train import TrainingError
 from .weights import get_weights, list_weights, save_weights
 
 
@@ -115,6 +119,109 @@ def command_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train(args: argparse.Namespace) -> int:
+    """Train (the default: the compact recipe on Fashion-MNIST), then say where everything is."""
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data, recipe=args.recipe, model=args.model, model_options=parse_options(args.set),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size, output=args.output,
+        resume=args.resume, seed=args.seed, deterministic=args.deterministic, workers=args.workers,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        max_minutes=args.max_minutes, grad_accumulation=args.grad_accumulation, clip_grad_norm=args.clip_grad_norm,
+        label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, sync_bn=args.sync_bn,
+        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, train_subset=args.train_subset,
+        val_subset=args.val_subset, drop_rate=args.drop_rate)
+    result = train(config)
+    output = Path(result["output"])
+    if result["history"]:
+        last = result["history"][-1]
+        print(f"trained {result['epochs']} epochs ({result['steps']} steps, {last['minutes']:.1f} min): "
+              f"val top-1 {last['val_top1']:.4f}, top-5 {last['val_top5']:.4f}; best top-1 {result['best_top1']:.4f}")
+    if result["stopped"] != "finished":
+        print(f"stopped early ({result['stopped']}): continue with --resume --output {output}")
+    print(f"checkpoints: {output / 'best.safetensors'} (best), {output / 'last.safetensors'} (last, with "
+          f"{output / 'last.state.safetensors'})")
+    print(f"metrics: {output / 'metrics.jsonl'}, {output / 'tensorboard'}; curves: {output / 'curves.png'}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5, per-class accuracy and a confusion-matrix PNG for a trained model on a data split."""
+    from torch.utils.data import DataLoader
+
+    from .data import FASHION_MNIST_CLASSES, ImageDataset, ResumableSampler, collate_skipping, load_fashion_mnist
+    from .predict import load_trained
+    from .train import evaluate
+
+    loaded = load_trained(args.checkpoint)
+    transform = loaded.transform()
+    if args.data == "fashion-mnist":
+        images, labels = load_fashion_mnist("test" if args.split in ("val", "test") else "train")
+        dataset = ImageDataset.in_memory(images, labels, transform, list(FASHION_MNIST_CLASSES))
+    else:
+        dataset = ImageDataset.from_folder(Path(args.data), args.split, transform)
+    if len(dataset.classes) != loaded.model.num_classes:
+        raise ValueError(f"the data has {len(dataset.classes)} classes but the model {loaded.model.num_classes}")
+    if dataset.classes != loaded.classes and loaded.classes != [str(i) for i in range(len(loaded.classes))]:
+        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the model's {loaded.classes[:5]}...")
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping,
+                        sampler=ResumableSampler(len(dataset), shuffle=False))
+    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"), channels_last=True)
+    output = Path(args.output) if args.output else (Path(args.checkpoint) if Path(args.checkpoint).is_dir()
+                                                    else Path(args.checkpoint).parent)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_confusion(metrics["confusion"], dataset.classes, output / f"confusion-{args.split}.png")
+    print(f"{args.split}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {metrics['samples']} images"
+          + (f" ({metrics['skipped']} unreadable, skipped)" if metrics["skipped"] else ""))
+    for name, accuracy in zip(dataset.classes, metrics["per_class"], strict=True):
+        print(f"  {name:<24} {accuracy:.4f}")
+    print(f"confusion matrix: {output / f'confusion-{args.split}.png'}")
+    if args.json:
+        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "samples", "skipped", "per_class")}))
+    return 0
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(5, 0.45 * len(classes))
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(confusion, cmap="Blues")
+    if len(classes) <= 40:
+        axis.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        axis.set_yticks(range(len(classes)), classes, fontsize=7)
+    axis.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    figure.colorbar(image)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    """Top-k classes per image; exit code 1 when some files could not be read (the rest are still predicted)."""
+    from .predict import load_registered, load_trained, predict
+
+    if (args.checkpoint is None) == (args.weights is None):
+        raise ValueError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME (e.g. --weights imagenet)")
+    loaded = load_trained(args.checkpoint) if args.checkpoint else load_registered(args.model, args.weights)
+    results = predict(loaded, args.inputs, top_k=args.top_k)
+    if not results:
+        raise ValueError(f"no images found in {' '.join(map(str, args.inputs))}")
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+        elif "error" in result:
+            print(f"{result['file']}: error: {result['error']}", file=sys.stderr)
+        else:
+            best = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in result["predictions"])
+            print(f"{result['file']}: {best}")
+    return 1 if any("error" in result for result in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +242,56 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the README's model table (parameters, MACs, feature maps, weights)")
     models.add_argument("--img-size", type=int, default=299, help="input size for the MACs column")
     models.set_defaults(run=command_models)
+
+    train = commands.add_parser("train", help="train a model (default: compact recipe on Fashion-MNIST)")
+    train.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder with train/ and val/")
+    train.add_argument("--model", default=None, choices=list_models(), help="default: the recipe's")
+    train.add_argument("--recipe", default="compact", help="compact, imagenet-paper or jft-paper")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="per process")
+    train.add_argument("--lr", type=float, help="learning rate at the recipe's reference batch size")
+    train.add_argument("--img-size", type=int)
+    train.add_argument("--output", type=Path, default=Path("runs/xception"))
+    train.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact resume")
+    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                       help="channels_last memory layout (default: on; depthwise convolutions are faster in it)")
+    train.add_argument("--compile", action="store_true")
+    train.add_argument("--max-minutes", type=float, help="stop cleanly after this long (resume later)")
+    train.add_argument("--grad-accumulation", type=int, default=1)
+    train.add_argument("--clip-grad-norm", type=float)
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--ema-decay", type=float)
+    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    train.add_argument("--checkpoint-every", type=int, default=200, help="steps between 'last' checkpoints")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--train-subset", type=int, help="train on the first N images only")
+    train.add_argument("--val-subset", type=int, help="evaluate on the first N validation images only")
+    train.add_argument("--drop-rate", type=float, help="dropout before the classifier (default: the recipe's)")
+    train.set_defaults(run=command_train)
+
+    evaluate = commands.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix")
+    evaluate.add_argument("--checkpoint", required=True, help="a run folder or a weights file")
+    evaluate.add_argument("--data", default="fashion-mnist")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder)")
+    evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    evaluate.set_defaults(run=command_eval)
+
+    pred = commands.add_parser("predict", help="top-k classes of images or folders of images")
+    pred.add_argument("inputs", nargs="+", type=Path)
+    pred.add_argument("--checkpoint", help="a run folder or a weights file")
+    pred.add_argument("--weights", help="registered weights, e.g. imagenet")
+    pred.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--json", action="store_true", help="one JSON object per file")
+    pred.set_defaults(run=command_predict)
 
     bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
     bench.add_argument("--model", default="xception", choices=list_models())
@@ -169,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (WeightFileError, WeightsUnavailableError, ValueError, TypeError) as error:
+    except (WeightFileError, WeightsUnavailableError, CheckpointError, TrainingError, ValueError, TypeError,
+            FileNotFoundError) as error:
         print(f"xception {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,7 @@ from .backbone import (
     feature_taps,
     plan_blocks,
 )
-from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, Order, SeparableConv2d
+from .layers import MID_OPERATIONS, ORDERS, Conv2dSame, MaxPool2dSame, MidOperation, Order, SeparableConv2d
 
 Numerics = Literal["keras", "timm"]
 
@@ -52,6 +52,8 @@ class XceptionConfig:
     """Architecture knobs. The defaults are the paper's network."""
 
     stem_widths: tuple[int, int] = (32, 64)
+    stem_stride: int = 2  # 1 keeps small images (28x28, 32x32) at full resolution through the stem
+    stem_padding: Literal["valid", "same"] = "valid"  # Keras's stem is valid: 299 -> 149 -> 147
     entry_widths: tuple[int, ...] = (128, 256, 728)  # the middle flow keeps the last of these
     middle_repeats: int = 8
     exit_widths: tuple[int, int] = (728, 1024)
@@ -62,6 +64,9 @@ class XceptionConfig:
     segments: int | None = None  # channel groups of each spatial conv; None = depthwise
     fc_layers: tuple[int, ...] = ()  # hidden fully-connected layers before the classifier, e.g. (4096, 4096)
     numerics: Numerics = "keras"  # "keras": BN eps 1e-3, TF-same pooling; "timm": eps 1e-5, symmetric pooling
+    # BN running-statistics momentum (PyTorch's convention); None: the numerics' (Keras 0.01, timm 0.1). Short
+    # runs need a faster one: at 0.01 the statistics take a few hundred steps to settle.
+    bn_momentum: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("stem_widths", "entry_widths", "exit_widths", "tail_widths", "fc_layers"):
@@ -73,6 +78,10 @@ class XceptionConfig:
             raise ValueError("stem_widths, exit_widths and tail_widths each take two widths")
         if not self.entry_widths:
             raise ValueError("entry_widths needs at least one width")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.stem_padding not in ("valid", "same"):
+            raise ValueError(f"stem_padding must be 'valid' or 'same', got {self.stem_padding!r}")
         if self.middle_repeats < 0:
             raise ValueError(f"middle_repeats must be >= 0, got {self.middle_repeats}")
         if self.mid_activation not in MID_OPERATIONS:
@@ -81,6 +90,14 @@ class XceptionConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {tuple(NUMERICS)}, got {self.numerics!r}")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+
+    def batch_norm_settings(self) -> tuple[float, float]:
+        """(eps, momentum) of every BatchNorm."""
+        numerics = NUMERICS[self.numerics]
+        momentum = numerics["bn_momentum"] if self.bn_momentum is None else self.bn_momentum
+        return numerics["bn_eps"], momentum
 
     def block_specs(self) -> list[BlockSpec]:
         """Every block after the stem, in order: entry flow, middle flow, exit flow, and the last module
@@ -98,7 +115,10 @@ class XceptionConfig:
         downsampling_blocks = sum(spec.stride == 2 for spec in self.block_specs())
         size = 1
         while True:
-            side = (size - 3) // 2 + 1 - 2  # the two valid 3x3 stem convs, the first with stride 2
+            if self.stem_padding == "valid":  # two valid 3x3 convs, the first strided
+                side = (size - 3) // self.stem_stride + 1 - 2
+            else:
+                side = -(-size // self.stem_stride)
             for _ in range(downsampling_blocks):
                 side = -(-side // 2)
             if side >= 3:
@@ -107,14 +127,16 @@ class XceptionConfig:
 
 
 class Stem(nn.Module):
-    """block1: two valid 3x3 convolutions, the first with stride 2."""
+    """block1: two 3x3 convolutions, the first with stride 2 (valid padding in the paper's network)."""
 
-    def __init__(self, in_chans: int, widths: tuple[int, int], eps: float, momentum: float) -> None:
+    def __init__(self, in_chans: int, widths: tuple[int, int], eps: float, momentum: float, stride: int = 2,
+                 padding: str = "valid") -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=2, bias=False)
+        self.conv1 = Conv2dSame(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
+            nn.Conv2d(in_chans, widths[0], 3, stride=stride, bias=False)
         self.conv1_bn = nn.BatchNorm2d(widths[0], eps=eps, momentum=momentum)
         self.conv1_act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, bias=False)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1 if padding == "same" else 0, bias=False)
         self.conv2_bn = nn.BatchNorm2d(widths[1], eps=eps, momentum=momentum)
         self.conv2_act = nn.ReLU(inplace=True)
         self.out_channels = widths[1]
@@ -129,7 +151,7 @@ def xception_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, config: X
     """``[ReLU] SepConv BN (ReLU SepConv BN)* [MaxPool]`` plus a shortcut; the last module instead has a
     ReLU after each BN. Names are the Keras layer names within the block."""
     numerics = NUMERICS[config.numerics]
-    eps, momentum = numerics["bn_eps"], numerics["bn_momentum"]
+    eps, momentum = config.batch_norm_settings()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     channels = in_channels
     post_activation = not spec.skip and not spec.preact  # the last module: SepConv, BN, ReLU
@@ -186,14 +208,13 @@ class Xception(XceptionBase):
         self.multi_grid = multi_grid
         self.drop_path_rate = drop_path_rate
         self.min_input_size = config.min_input_size()
-        numerics = NUMERICS[config.numerics]
-
         specs = config.block_specs()
-        plans = plan_blocks(specs, 2, output_stride)
+        plans = plan_blocks(specs, config.stem_stride, output_stride)
         rates = check_multi_grid(multi_grid, specs[-1])
         path_rates = drop_path_rates(drop_path_rate, specs)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
-        stem = Stem(in_chans, config.stem_widths, numerics["bn_eps"], numerics["bn_momentum"])
+        stem = Stem(in_chans, config.stem_widths, *config.batch_norm_settings(), config.stem_stride,
+                    config.stem_padding)
         blocks["block1"] = stem
         channels = stem.out_channels
         for index, (spec, plan) in enumerate(zip(specs, plans, strict=True), start=2):
@@ -205,11 +226,11 @@ class Xception(XceptionBase):
         self.blocks = nn.Sequential(blocks)
         self.final_act = nn.Identity()  # the last module ends with its own ReLU
         self.num_features = channels
-        self.tap_blocks = feature_taps(plans, 2)
+        self.tap_blocks = feature_taps(plans, config.stem_stride)
         names = list(blocks)
         self.feature_info = [
             {"num_chs": blocks[names[i]].out_channels,
-             "reduction": 2 if i == 0 else plans[i - 1].reduction,
+             "reduction": config.stem_stride if i == 0 else plans[i - 1].reduction,
              "module": f"blocks.{names[i]}"}
             for i in self.tap_blocks]
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, config.fc_layers, drop_rate)

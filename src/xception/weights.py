@@ -163,6 +163,8 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
         if model.num_classes != registered.num_classes:
             may_lack = ("head.",)
     file_format, state = read_weights(path, model)
+    if may_lack:  # a file with the pretrained classifier (no no-top variant published): keep the model's new head
+        state = {name: tensor for name, tensor in state.items() if not name.startswith(may_lack)}
     if registered is not None:
         adapt_input_conv(model, state)
     check_fits(model, state, path, file_format, may_lack=may_lack)

@@ -1,0 +1,88 @@
+"""Training recipes: the paper's two (tuned for Inception V3 and reused unchanged for Xception) and a compact
+one for small images. Each names its source; every field can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str
+    model: str = "xception"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"  # "sgd", "rmsprop" or "adamw"
+    lr: float = 0.045  # for the reference batch size; scaled linearly to the global batch size used
+    reference_batch_size: int = 32
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-5
+    schedule: str = "step"  # "step": lr * decay_rate every decay_samples; "cosine": to 0 over the run
+    decay_rate: float = 0.94
+    decay_samples: int | None = None  # None: every decay_epochs epochs
+    decay_epochs: float = 2.0
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+    epochs: int = 100
+    batch_size: int = 32
+    img_size: int = 299
+    augmentation: str = "inception"  # see xception.data.train_transform
+    eval_resize_ratio: float = 1.0  # eval: resize to img_size * ratio, centre crop img_size
+    drop_rate: float = 0.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None  # Polyak averaging of the weights, used for evaluation
+    clip_grad_norm: float | None = None
+
+    def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
+        """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
+        scheduler state and every rank agrees."""
+        base = self.lr * global_batch_size / self.reference_batch_size
+        warmup_steps = self.warmup_epochs * steps_per_epoch
+        if step < warmup_steps:
+            return base * (step + 1) / warmup_steps
+        if self.schedule == "cosine":
+            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+            return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        decay_samples = self.decay_samples or self.decay_epochs * steps_per_epoch * global_batch_size
+        return base * self.decay_rate ** math.floor(step * global_batch_size / decay_samples)
+
+
+RECIPES: dict[str, Recipe] = {
+    "imagenet-paper": Recipe(
+        name="imagenet-paper",
+        source="Chollet 2017, section 4.3: SGD, momentum 0.9, initial learning rate 0.045 decayed by 0.94 every "
+               "2 epochs, weight decay 1e-5, dropout 0.5 before the classifier, Polyak averaging at inference",
+        optimizer="sgd", lr=0.045, momentum=0.9, weight_decay=1e-5, schedule="step", decay_rate=0.94,
+        decay_epochs=2.0, epochs=100, batch_size=32, img_size=299, augmentation="inception",
+        eval_resize_ratio=333 / 299, drop_rate=0.5, ema_decay=0.9999,
+    ),
+    "jft-paper": Recipe(
+        name="jft-paper",
+        source="Chollet 2017, section 4.3: RMSprop, momentum 0.9, initial learning rate 0.001 decayed by 0.9 "
+               "every 3,000,000 samples, weight decay 1e-5, no dropout, Polyak averaging at inference",
+        optimizer="rmsprop", lr=0.001, momentum=0.9, weight_decay=1e-5, schedule="step", decay_rate=0.9,
+        decay_samples=3_000_000, epochs=10, batch_size=32, img_size=299, augmentation="inception",
+        eval_resize_ratio=333 / 299, drop_rate=0.0, ema_decay=0.9999,
+    ),
+    # Tuned here for Fashion-MNIST (28x28 grayscale) on a 2-core CPU: see benchmarks/fashion_mnist.py.
+    "compact": Recipe(
+        name="compact",
+        source="this project: a narrow Xception for 28-32 px images (stem without stride, two entry modules), "
+               "SGD with Nesterov momentum, linear warm-up and cosine decay, label smoothing and weight EMA",
+        model_options={"stem_stride": 1, "stem_padding": "same", "stem_widths": (16, 32), "entry_widths": (48, 96),
+                       "middle_repeats": 1, "exit_widths": (96, 192), "tail_widths": (192, 384),
+                       "bn_momentum": 0.1},
+        optimizer="sgd", lr=0.1, reference_batch_size=128, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        schedule="cosine", warmup_epochs=0.5, epochs=6, batch_size=128, img_size=28, augmentation="compact",
+        drop_rate=0.1, label_smoothing=0.1, ema_decay=0.999, clip_grad_norm=None,
+    ),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,164 @@
+"""Training end to end on small Fashion-MNIST subsets: outputs, resume after SIGKILL, DDP, eval and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from xception.cli import main
+from xception.data import load_fashion_mnist
+from xception.train import TrainConfig, TrainingError, train
+
+# A narrow network so that every test trains in seconds on two cores.
+TINY = {"stem_widths": (8, 16), "entry_widths": (16, 32), "middle_repeats": 0, "exit_widths": (32, 48),
+        "tail_widths": (48, 64)}
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+QUICK = ["--train-subset", "512", "--val-subset", "500", "--batch-size", "32"]
+
+
+def xception_train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xception", "train", *TINY_ARGS, *QUICK, *args]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("run")
+    config = TrainConfig(output=output, model_options=TINY, epochs=3, batch_size=32, lr=0.4, train_subset=512,
+                         val_subset=500, checkpoint_every=5, progress=False)
+    return output, train(config)
+
+
+def test_training_writes_everything_and_learns(trained_run):
+    output, result = trained_run
+    for name in ("best.safetensors", "best.state.safetensors", "last.safetensors", "last.state.safetensors",
+                 "metrics.jsonl", "curves.png", "config.json"):
+        assert (output / name).is_file(), name
+    assert list((output / "tensorboard").iterdir())
+    assert [record["epoch"] for record in result["history"]] == [1, 2, 3]
+    assert result["steps"] == 3 * (512 // 32)
+    # Ten classes: chance is 0.1 (about 0.013 standard deviation on 500 images); three short epochs clear it.
+    assert result["best_top1"] > 0.3
+    losses = [record["train_loss"] for record in result["history"]]
+    assert losses[2] < losses[0]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_top1" in record for record in records) and any("lr" in record for record in records)
+
+
+def test_eval_command(trained_run, capsys):
+    output, _ = trained_run
+    assert main(["eval", "--checkpoint", str(output), "--json"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["samples"] == 10_000 and 0.3 < metrics["top1"] <= metrics["top5"] <= 1
+    assert len(metrics["per_class"]) == 10 and "Ankle boot" in out
+    assert (output / "confusion-val.png").is_file()
+
+
+def test_predict_command(trained_run, tmp_path, capsys):
+    output, _ = trained_run
+    images, _ = load_fashion_mnist("test")
+    for i in range(3):
+        Image.fromarray(images[i].numpy()).save(tmp_path / f"{i}.png")
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(tmp_path / "colour.jpg")  # any size and mode
+    (tmp_path / "notes.png").write_text("not an image")
+    code = main(["predict", "--checkpoint", str(output), str(tmp_path), "--top-k", "3", "--json"])
+    results = {Path(r["file"]).name: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert code == 1  # some files failed
+    assert "error" in results["notes.png"]
+    for name in ("0.png", "1.png", "2.png", "colour.jpg"):
+        predictions = results[name]["predictions"]
+        assert len(predictions) == 3 and abs(sum(p["probability"] for p in predictions)) <= 1 + 1e-6
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    common = ["--epochs", "2", "--deterministic", "--checkpoint-every", "3"]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run(xception_train(*common, "--output", str(reference)), check=True, capture_output=True)
+
+    process = subprocess.Popen(xception_train(*common, "--output", str(interrupted)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = interrupted / "last.state.safetensors"
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere past the first checkpoint, mid-epoch
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    subprocess.run(xception_train(*common, "--output", str(interrupted), "--resume"), check=True, capture_output=True)
+    expected, actual = weights_of(reference / "last.safetensors"), weights_of(interrupted / "last.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes of batch 16 against 1 process of 2 x 16 by gradient accumulation: the same
+    samples per micro-batch (so the same BatchNorm statistics), the same averaged gradients."""
+    common = ["--epochs", "1", "--max-steps", "4", "--batch-size", "16", "--drop-rate", "0", "--ema-decay", "0",
+              "--deterministic"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    # One thread each: a kernel's summation order depends on the thread count, and early-layer gradients are
+    # sums that cancel, so two threads against one already differ by about 1e-5 after a step.
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(xception_train(*common, "--grad-accumulation", "2", "--output", str(single)), check=True,
+                   capture_output=True, env=one_thread)
+    port = str(29500 + os.getpid() % 1000)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    "-m", "xception", "train", *TINY_ARGS, *QUICK, *common, "--output", str(ddp)],
+                   check=True, capture_output=True, env=one_thread)
+    expected, actual = weights_of(single / "last.safetensors"), weights_of(ddp / "last.safetensors")
+    trained = [name for name in expected if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert trained
+    for name in trained:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    changed = weights_of(single / "last.safetensors")["head.predictions.weight"]
+    assert changed.abs().sum() > 0
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    config = TrainConfig(output=tmp_path, model_options=TINY, epochs=1, batch_size=32, train_subset=512,
+                         val_subset=100, lr=1e12, checkpoint_every=1, progress=False, ema_decay=0)
+    with pytest.raises(TrainingError, match=r"non-finite (loss|weights) .*step \d+"):
+        train(config)
+    good = load_file(str(tmp_path / "last.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values() if t.dtype.is_floating_point)
+
+
+def test_folder_data_with_a_corrupt_image_and_class_mismatch_on_resume(tmp_path):
+    images, labels = load_fashion_mnist("test")
+    root = tmp_path / "data"
+    for split, start in (("train", 0), ("val", 200)):
+        for i in range(start, start + 96):
+            folder = root / split / f"class{int(labels[i]) % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i].numpy()).save(folder / f"{i}.png")
+    (root / "train" / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    output = tmp_path / "run"
+    config = TrainConfig(data=str(root), output=output, model_options=TINY, epochs=1, batch_size=16, img_size=28,
+                         progress=False)
+    result = train(config)
+    assert result["history"][0]["skipped_images"] == 1
+    # Resuming the same run on data with another class count is refused before training.
+    (root / "train" / "class3").mkdir()
+    Image.fromarray(images[0].numpy()).save(root / "train" / "class3" / "x.png")
+    (root / "val" / "class3").mkdir()
+    Image.fromarray(images[1].numpy()).save(root / "val" / "class3" / "x.png")
+    with pytest.raises(TrainingError, match="3 classes but the data has 4"):
+        train(TrainConfig(data=str(root), output=output, model_options=TINY, epochs=2, batch_size=16, img_size=28,
+                          resume=True, progress=False))
