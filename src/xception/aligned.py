@@ -13,22 +13,13 @@ paper's network.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from .backbone import (
-    BlockPlan,
-    BlockSpec,
-    ClassifierHead,
-    ResidualBlock,
-    XceptionBase,
-    check_multi_grid,
-    drop_path_rates,
-    feature_taps,
-    plan_blocks,
-)
+from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
 from .layers import SeparableConv2d
 
 BN_MOMENTUM = 0.1  # timm's, which trained the ra3 weights
@@ -48,8 +39,8 @@ ENTRY_41_65 = [(128, 2), (256, 2), (728, 2)]
 ENTRY_71 = [(128, 2), (256, 1), (256, 2), (728, 1), (728, 2)]  # 71 splits each stride from its widening
 
 
-def aligned_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], eps: float,
-                  drop_path: float) -> ResidualBlock:
+def aligned_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
+                  *, eps: float) -> ResidualBlock:
     """``(ReLU, SepConv[dw BN], BN) x 3`` with the stride in the last conv; a block that does not start with
     ReLU has BN + ReLU between depthwise and pointwise and a ReLU after each BN instead."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -73,8 +64,8 @@ def aligned_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tup
     return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, drop_path=drop_path)
 
 
-def preact_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], eps: float,
-                 drop_path: float) -> ResidualBlock:
+def preact_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
+                 *, eps: float) -> ResidualBlock:
     """BN + ReLU on the block input (which the shortcut takes too), then three plain separable convs with
     BN + ReLU between them; the shortcut is a bare 1x1 conv."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -122,44 +113,15 @@ class XceptionAligned(XceptionBase):
                  num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, output_stride: int = 32,
                  multi_grid: tuple[int, ...] | None = None) -> None:
-        super().__init__()
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-        self.model_name = model_name
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans,
+                         output_stride=output_stride, multi_grid=multi_grid, drop_path_rate=drop_path_rate)
         self.preact = preact
-        self.output_stride = output_stride
-        self.multi_grid = multi_grid
-        self.drop_path_rate = drop_path_rate
         self.min_input_size = 32  # final feature map at least 1x1
-
-        plans = plan_blocks(specs, 2, output_stride)
-        rates = check_multi_grid(multi_grid, specs[-1])
-        path_rates = drop_path_rates(drop_path_rate, specs)
-        make_block = preact_block if preact else aligned_block
-        blocks: OrderedDict[str, nn.Module] = OrderedDict(stem=AlignedStem(in_chans, bn_eps, preact))
-        channels = 64
-        for index, (spec, plan) in enumerate(zip(specs, plans, strict=True), start=1):
-            last = index == len(specs)
-            block = make_block(channels, spec, plan, rates if last else (1,) * len(spec.widths), bn_eps,
-                               path_rates[index - 1])
-            blocks[f"block{index}"] = block
-            channels = block.out_channels
-        self.blocks = nn.Sequential(blocks)
+        make_block = partial(preact_block if preact else aligned_block, eps=bn_eps)
         # Pre-activation blocks end on a sum: the network's output still needs its ReLU.
-        self.final_act = nn.ReLU() if preact else nn.Identity()
-        self.num_features = channels
-        self.tap_blocks = feature_taps(plans, 2)
-        names = list(blocks)
-        self.feature_info = [
-            {"num_chs": 64 if i == 0 else blocks[names[i]].out_channels,
-             "reduction": 2 if i == 0 else plans[i - 1].reduction,
-             "module": f"blocks.{names[i]}"}
-            for i in self.tap_blocks]
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool, (), drop_rate)
-        self.head_hidden_size = self.head.hidden_size
-        self.reset_parameters()
+        final_act = nn.ReLU() if preact else nn.Identity()
+        self.build(("stem", AlignedStem(in_chans, bn_eps, preact)), 2, specs, make_block, final_act=final_act,
+                   first_number=1, global_pool=global_pool, fc_layers=(), drop_rate=drop_rate)
 
 
 def build(name: str, specs: list[BlockSpec], preact: bool, bn_eps: float, options: dict[str, Any]) -> XceptionAligned:

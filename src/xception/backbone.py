@@ -9,6 +9,7 @@ A network is ``blocks`` (an ``nn.Sequential`` whose first entry is the stem) fol
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -165,17 +166,57 @@ def feature_taps(plans: list[BlockPlan], stem_reduction: int) -> list[int]:
     return [i for i in range(len(reductions)) if i + 1 == len(reductions) or reductions[i + 1] != reductions[i]]
 
 
+MakeBlock = Callable[[int, BlockSpec, BlockPlan, tuple[int, ...], float], nn.Module]
+
+
 class XceptionBase(nn.Module):
     """The backbone API shared by every network of the family.
 
-    Subclasses build ``blocks`` (stem first), ``final_act``, ``head``, ``feature_info`` and ``tap_blocks``
-    (the block index of each feature), and set ``in_chans``, ``num_classes``, ``num_features``,
-    ``min_input_size`` and ``model_name``.
+    A subclass calls :meth:`build` with its stem, its block configuration, a block factory and its final
+    activation, and sets ``min_input_size``; the rest (blocks, feature taps, head) is assembled here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, model_name: str, num_classes: int, in_chans: int, output_stride: int,
+                 multi_grid: tuple[int, ...] | None, drop_path_rate: float) -> None:
         super().__init__()
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        self.model_name = model_name  # the registry name, saved with the weights
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.output_stride = output_stride
+        self.multi_grid = multi_grid
+        self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
+
+    def build(self, stem: tuple[str, nn.Module], stem_reduction: int, specs: list[BlockSpec],
+              make_block: MakeBlock, *, final_act: nn.Module, first_number: int, global_pool: str,
+              fc_layers: tuple[int, ...], drop_rate: float) -> None:
+        """Stem, then ``block<first_number>``... from ``specs`` (strides turned into dilation beyond the output
+        stride, multi-grid rates in the last block, stochastic depth), the feature taps, and the head."""
+        plans = plan_blocks(specs, stem_reduction, self.output_stride)
+        last_rates = check_multi_grid(self.multi_grid, specs[-1])
+        path_rates = drop_path_rates(self.drop_path_rate, specs)
+        blocks: OrderedDict[str, nn.Module] = OrderedDict([stem])
+        channels = stem[1].out_channels
+        for i, (spec, plan, path_rate) in enumerate(zip(specs, plans, path_rates, strict=True)):
+            rates = last_rates if i == len(specs) - 1 else (1,) * len(spec.widths)
+            block = make_block(channels, spec, plan, rates, path_rate)
+            blocks[f"block{first_number + i}"] = block
+            channels = block.out_channels
+        self.blocks = nn.Sequential(blocks)
+        self.final_act = final_act
+        self.num_features = channels
+        self.tap_blocks = feature_taps(plans, stem_reduction)
+        names = list(blocks)
+        self.feature_info = [
+            {"num_chs": blocks[names[i]].out_channels,
+             "reduction": stem_reduction if i == 0 else plans[i - 1].reduction,
+             "module": f"blocks.{names[i]}"}
+            for i in self.tap_blocks]
+        self.head = ClassifierHead(self.num_features, self.num_classes, global_pool, fc_layers, drop_rate)
+        self.head_hidden_size = self.head.hidden_size
+        self.reset_parameters()
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take, naming what was expected."""

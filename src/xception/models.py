@@ -20,22 +20,13 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .backbone import (
-    BlockPlan,
-    BlockSpec,
-    ClassifierHead,
-    ResidualBlock,
-    XceptionBase,
-    check_multi_grid,
-    drop_path_rates,
-    feature_taps,
-    plan_blocks,
-)
+from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
 from .layers import MID_OPERATIONS, ORDERS, Conv2dSame, MaxPool2dSame, MidOperation, Order, SeparableConv2d
 
 Numerics = Literal["keras", "timm"]
@@ -146,8 +137,8 @@ class Stem(nn.Module):
         return self.conv2_act(self.conv2_bn(self.conv2(x)))
 
 
-def xception_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, config: XceptionConfig,
-                   rates: tuple[int, ...], drop_path: float) -> ResidualBlock:
+def xception_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
+                   *, config: XceptionConfig) -> ResidualBlock:
     """``[ReLU] SepConv BN (ReLU SepConv BN)* [MaxPool]`` plus a shortcut; the last module instead has a
     ReLU after each BN. Names are the Keras layer names within the block."""
     numerics = NUMERICS[config.numerics]
@@ -196,46 +187,16 @@ class Xception(XceptionBase):
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  output_stride: int = 32, multi_grid: tuple[int, ...] | None = None,
                  model_name: str = "xception") -> None:
-        super().__init__()
+        super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans,
+                         output_stride=output_stride, multi_grid=multi_grid, drop_path_rate=drop_path_rate)
         config = config or XceptionConfig()
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-        self.model_name = model_name  # the registry name, saved with the weights
         self.config = config
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.output_stride = output_stride
-        self.multi_grid = multi_grid
-        self.drop_path_rate = drop_path_rate
         self.min_input_size = config.min_input_size()
-        specs = config.block_specs()
-        plans = plan_blocks(specs, config.stem_stride, output_stride)
-        rates = check_multi_grid(multi_grid, specs[-1])
-        path_rates = drop_path_rates(drop_path_rate, specs)
-        blocks: OrderedDict[str, nn.Module] = OrderedDict()
         stem = Stem(in_chans, config.stem_widths, *config.batch_norm_settings(), config.stem_stride,
                     config.stem_padding)
-        blocks["block1"] = stem
-        channels = stem.out_channels
-        for index, (spec, plan) in enumerate(zip(specs, plans, strict=True), start=2):
-            last = index == len(specs) + 1
-            block = xception_block(channels, spec, plan, config, rates if last else (1,) * len(spec.widths),
-                                   path_rates[index - 2])
-            blocks[f"block{index}"] = block
-            channels = block.out_channels
-        self.blocks = nn.Sequential(blocks)
-        self.final_act = nn.Identity()  # the last module ends with its own ReLU
-        self.num_features = channels
-        self.tap_blocks = feature_taps(plans, config.stem_stride)
-        names = list(blocks)
-        self.feature_info = [
-            {"num_chs": blocks[names[i]].out_channels,
-             "reduction": config.stem_stride if i == 0 else plans[i - 1].reduction,
-             "module": f"blocks.{names[i]}"}
-            for i in self.tap_blocks]
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool, config.fc_layers, drop_rate)
-        self.head_hidden_size = self.head.hidden_size
-        self.reset_parameters()
+        self.build(("block1", stem), config.stem_stride, config.block_specs(),
+                   partial(xception_block, config=config), final_act=nn.Identity(),  # block14 ends with ReLU
+                   first_number=2, global_pool=global_pool, fc_layers=config.fc_layers, drop_rate=drop_rate)
 
     def architecture(self) -> dict[str, Any]:
         """The arguments that rebuild this architecture with ``create_model``, saved with its weights."""
