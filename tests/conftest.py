@@ -7,6 +7,7 @@ os.environ.setdefault("KERAS_HOME", "/tmp/xception-tests-keras")
 
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +19,31 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the tolerance measure the parity tests use."""
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors gain nothing from extra threads, and spinning threads slow a busy shared CPU badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def calibrate_batch_norm(model: nn.Module, size: int, classifier: nn.Linear) -> nn.Module:
+    """Random BN scales and shifts, running statistics measured on one random batch and then perturbed, and a
+    random classifier bias. With statistics that do not match the activations, a deep network's output barely
+    depends on its input and a parity check proves little."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.2)
+        bn.momentum = None  # cumulative average: one pass gives exactly the batch statistics
+    model.train()(torch.rand(4, 3, size, size) * 2 - 1)
+    for bn in norms:
+        bn.momentum = 0.1
+        bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn_like(bn.running_mean)
+        bn.running_var *= torch.empty_like(bn.running_var).uniform_(0.7, 1.4)
+    classifier.bias.normal_(0, 0.1)
+    return model.eval()

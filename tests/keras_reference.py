@@ -116,3 +116,18 @@ def rewrite_as_keras1(source: Path, path: Path) -> Path:
                     weight_names.append(new_weight.encode())
                 group.attrs["weight_names"] = weight_names
     return path
+
+
+def random_keras_h5(path: Path, include_top: bool, seed: int) -> Path:
+    """A file written by Keras's own HDF5 writer, with random weights and random (uncalibrated) BN statistics: for
+    tests that compare loads of the same file with each other, not with Keras's outputs (cheaper to make)."""
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(seed)
+    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
+                                        input_shape=None if include_top else (None, None, 3))
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.get_weights()[0].shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape), rng.normal(0, 0.2, shape),
+                               rng.uniform(0.5, 2.0, shape)])
+    return save_keras3_h5(model, path)

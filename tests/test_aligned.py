@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import relative_error
+from conftest import calibrate_batch_norm, relative_error
 from http_server import serve_directory
 from safetensors.torch import save_file
 from torch import nn
@@ -44,19 +44,7 @@ def calibrated_timm(name: str, seed: int, **options) -> nn.Module:
     """timm's model with random weights and BN statistics calibrated on a batch, then perturbed."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **options)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in norms:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
-            bn.momentum = None  # cumulative average: one pass gives exactly the batch statistics
-        model.train()(torch.rand(4, 3, 160, 160) * 2 - 1)
-        for bn in norms:
-            bn.momentum = 0.1
-            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn_like(bn.running_mean)
-            bn.running_var *= torch.empty_like(bn.running_var).uniform_(0.7, 1.4)
-        model.head.fc.bias.normal_(0, 0.1)
-    return model.eval()
+    return calibrate_batch_norm(model, 160, model.head.fc)
 
 
 def images(size: tuple[int, int], batch: int = 2, seed: int = 0, channels: int = 3) -> torch.Tensor:

@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from keras_reference import save_keras3_h5
+from keras_reference import random_keras_h5
 from torch import nn
 
 import xception
@@ -20,22 +19,6 @@ from xception.cli import main
 from xception.convert import read_safetensors_metadata
 
 SMALL = (96, 96)
-
-
-def random_keras_h5(path: Path, include_top: bool, seed: int) -> Path:
-    """Written by Keras's own HDF5 writer, with random weights and random (uncalibrated) BN statistics."""
-    import keras
-
-    rng = np.random.default_rng(seed)
-    keras.utils.set_random_seed(seed)
-    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
-                                        input_shape=None if include_top else (None, None, 3))
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.get_weights()[0].shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape), rng.normal(0, 0.2, shape),
-                               rng.uniform(0.5, 2.0, shape)])
-    return save_keras3_h5(model, path)
 
 
 @pytest.fixture(scope="module")

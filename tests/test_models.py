@@ -31,12 +31,8 @@ MIDDLE_MODULE = 3 * (9 * 728 + 728 * 728) + 3 * 2 * 728
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small: extra threads only add overhead, and spin badly on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """The tensors here are small (see conftest's one_thread)."""
 
 
 def n_params(module: nn.Module) -> int:

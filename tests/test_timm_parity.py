@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import relative_error
+from conftest import calibrate_batch_norm, relative_error
 from torch import nn
 
 import xception
@@ -24,19 +24,7 @@ SIZES = [(299, 299), (256, 320)]
 def calibrated_timm_xception(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model("legacy_xception", pretrained=False)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with torch.no_grad():
-        for bn in norms:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.2)
-            bn.momentum = None  # cumulative average: one pass gives exactly the batch statistics
-        model.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
-        for bn in norms:
-            bn.momentum = 0.1
-            bn.running_mean += 0.1 * bn.running_var.sqrt() * torch.randn_like(bn.running_mean)
-            bn.running_var *= torch.empty_like(bn.running_var).uniform_(0.7, 1.4)
-        model.fc.bias.normal_(0, 0.1)
-    return model.eval()
+    return calibrate_batch_norm(model, 299, model.fc)
 
 
 def images(size: tuple[int, int], seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import torchvision
 from http_server import closed_port_url, serve_directory
-from keras_reference import save_keras3_h5
+from keras_reference import random_keras_h5
 from PIL import Image
 from torch import nn
 
@@ -31,22 +31,6 @@ SMALL = (96, 96)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def random_keras_h5(path: Path, include_top: bool = True, seed: int = 0) -> Path:
-    """A file written by Keras's own HDF5 writer, with random weights and random BN statistics (no calibration:
-    these tests compare loads of the same file with each other, not with Keras's outputs)."""
-    import keras
-
-    rng = np.random.default_rng(seed)
-    keras.utils.set_random_seed(seed)
-    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
-                                        input_shape=None if include_top else (None, None, 3))
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = layer.get_weights()[0].shape
-            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape), rng.normal(0, 0.2, shape),
-                               rng.uniform(0.5, 2.0, shape)])
-    return save_keras3_h5(model, path)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
