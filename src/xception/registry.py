@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         num_classes, global_pool = 0, ""
     elif out_indices is not None:
         raise ValueError("out_indices needs features_only=True")
-    with torch.device(device) if device is not None else _no_device():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = MODELS[name](num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                              drop_rate=drop_rate, drop_path_rate=drop_path_rate, output_stride=output_stride,
                              multi_grid=multi_grid, **config)
@@ -65,11 +66,3 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     if weights is not None:
         load_weights(model, weights)
     return FeatureExtractor(model, out_indices) if features_only else model
-
-
-class _no_device:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
