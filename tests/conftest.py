@@ -1,6 +1,7 @@
 """Shared fixtures. Keras is only a reference to match: it runs on the PyTorch backend."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("KERAS_HOME", "/tmp/xception-tests-keras")
@@ -47,3 +48,14 @@ def calibrate_batch_norm(model: nn.Module, size: int, classifier: nn.Linear) -> 
         bn.running_var *= torch.empty_like(bn.running_var).uniform_(0.7, 1.4)
     classifier.bias.normal_(0, 0.1)
     return model.eval()
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private torch hub cache (the real one is never touched), reached without any proxy; returns the
+    folder downloaded checkpoints go to."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    return tmp_path / "torch_home" / "hub" / "checkpoints"

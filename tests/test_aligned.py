@@ -196,13 +196,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> ServedFile:
     return ServedFile(path, hub.digests(path)[1], state)
 
 
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("NO_PROXY", "*")
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
 def register_local(monkeypatch: pytest.MonkeyPatch, base_url: str, served: ServedFile,

@@ -314,13 +314,6 @@ def test_unknown_weights_name() -> None:
 
 # --- the download path, against a local server -----------------------------------------------------------
 
-@pytest.fixture
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("NO_PROXY", "*")
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
