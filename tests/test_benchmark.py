@@ -63,6 +63,14 @@ def test_config_rejects_bad_values(options: dict) -> None:
         BenchmarkConfig(**options)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"deploy": ("fp16",)}, "deploy precisions"), ({"deploy": ("bf16",), "mode": "train"}, "inference mode only"),
+    ({"deploy": ("int8",), "device": "cuda"}, "int8 deploy runs on the CPU")])
+def test_config_rejects_bad_deploy_options(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BenchmarkConfig(**options)
+
+
 def test_fp16_on_cpu_raises_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"fp16.*cuda.*bf16"):
         BenchmarkConfig(precision="fp16", device="cpu")
@@ -211,6 +219,20 @@ def test_compare_with_timm_and_keras() -> None:
         check_measured(keras)
         assert (keras.candidate, keras.layout, keras.macs) == ("keras Xception", "NHWC", None)
         assert keras.ratio_vs_timm == pytest.approx(keras.images_per_s / timm.images_per_s)
+
+
+def test_compare_times_the_deployed_model_beside_the_eager_one() -> None:
+    config = dataclasses.replace(CONFIG, batch_size=1, warmup=1, repeats=1, iterations=1, deploy=("fp32", "bf16"))
+    eager, fp32, bf16 = compare(config, peers=())
+    for result in (eager, fp32, bf16):
+        check_measured(result)
+    assert (eager.candidate, eager.precision) == ("xception", "fp32")
+    assert [(r.candidate, r.precision) for r in (fp32, bf16)] == [("xception deploy", "fp32"),
+                                                                  ("xception deploy", "bf16")]
+    assert fp32.params == eager.params and fp32.macs == eager.macs  # counted on the model before folding
+    assert fp32.ratio_vs_ours == pytest.approx(fp32.images_per_s / eager.images_per_s)
+    with pytest.raises(ValueError, match="compare"):
+        measure(None, config)
 
 
 def test_compare_inception_v3_for_table_3() -> None:

@@ -109,10 +109,13 @@ def test_max_pool2d_same_matches_keras_exactly(k: int, s: int) -> None:
     for h, w in [*SIZES, (1, 4)]:
         x = nhwc(h, w)
         expected = to_numpy(keras.layers.MaxPooling2D(k, s, padding="same")(x))
-        with torch.no_grad():
-            actual = MaxPool2dSame(k, s)(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-        assert actual.shape == expected.shape == (2, math.ceil(h / s), math.ceil(w / s), 3), (h, w)
-        np.testing.assert_array_equal(actual, expected, err_msg=str((h, w)))
+        explicit = MaxPool2dSame(k, s)
+        explicit.explicit_padding = True  # the int8 deploy path's variant
+        for pool in (MaxPool2dSame(k, s), explicit):
+            with torch.no_grad():
+                actual = pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+            assert actual.shape == expected.shape == (2, math.ceil(h / s), math.ceil(w / s), 3), (h, w)
+            np.testing.assert_array_equal(actual, expected, err_msg=str((h, w)))
 
 
 def test_torch_max_pool_differs_from_keras_on_even_sizes() -> None:

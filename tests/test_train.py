@@ -65,6 +65,18 @@ def test_eval_command(trained_run, capsys):
     assert (output / "confusion-val.png").is_file()
 
 
+def test_eval_of_the_deployed_model_at_each_precision(trained_run, capsys):
+    output, _ = trained_run
+    top1 = {}
+    for precision in (None, "fp32", "bf16", "int8"):
+        extra = [] if precision is None else ["--precision", precision]
+        assert main(["eval", "--checkpoint", str(output), "--json", "--batch-size", "500", *extra]) == 0
+        top1[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"]
+    assert abs(top1["fp32"] - top1[None]) <= 2e-4  # BN folding changes rounding only
+    assert abs(top1["bf16"] - top1[None]) <= 0.01
+    assert abs(top1["int8"] - top1[None]) <= 0.02
+
+
 def test_predict_command(trained_run, tmp_path, capsys):
     output, _ = trained_run
     images, _ = load_fashion_mnist("test")
@@ -79,6 +91,10 @@ def test_predict_command(trained_run, tmp_path, capsys):
     for name in ("0.png", "1.png", "2.png", "colour.jpg"):
         predictions = results[name]["predictions"]
         assert len(predictions) == 3 and abs(sum(p["probability"] for p in predictions)) <= 1 + 1e-6
+    assert main(["predict", "--checkpoint", str(output), str(tmp_path / "0.png"), "--precision", "bf16",
+                 "--json"]) == 0
+    deployed = json.loads(capsys.readouterr().out.strip())
+    assert deployed["predictions"][0]["class"] == results["0.png"]["predictions"][0]["class"]
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:

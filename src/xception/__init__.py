@@ -3,6 +3,7 @@
 from .aligned import XceptionAligned
 from .backbone import BlockSpec, FeatureExtractor, XceptionBase
 from .convert import WeightFileError
+from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
 from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
 from .models import Xception, XceptionConfig
 from .registry import create_model, list_models
@@ -24,10 +25,13 @@ __all__ = [
     "XceptionBase",
     "XceptionConfig",
     "create_model",
+    "export_onnx",
+    "fold_batchnorm",
     "get_weights",
     "list_models",
     "list_weights",
     "load_weights",
+    "optimize_for_inference",
     "save_weights",
     "tf_same_padding",
 ]

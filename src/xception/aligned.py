@@ -16,7 +16,6 @@ from collections import OrderedDict
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
 from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
@@ -87,23 +86,20 @@ def preact_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tupl
     return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, entry=entry, drop_path=drop_path)
 
 
-class AlignedStem(nn.Module):
+class AlignedStem(nn.Sequential):
     """Two 3x3 convolutions (the first with stride 2), padded symmetrically; in pre-activation networks the
     second has no BN or ReLU, since the first block starts with them."""
 
     def __init__(self, in_chans: int, eps: float, preact: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False)
-        self.conv1_bn = nn.BatchNorm2d(32, eps=eps, momentum=BN_MOMENTUM)
-        self.conv1_act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
-        self.conv2_bn = nn.Identity() if preact else nn.BatchNorm2d(64, eps=eps, momentum=BN_MOMENTUM)
-        self.conv2_act = nn.Identity() if preact else nn.ReLU(inplace=True)
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False),
+            conv1_bn=nn.BatchNorm2d(32, eps=eps, momentum=BN_MOMENTUM),
+            conv1_act=nn.ReLU(inplace=True),
+            conv2=nn.Conv2d(32, 64, 3, padding=1, bias=False),
+            conv2_bn=nn.Identity() if preact else nn.BatchNorm2d(64, eps=eps, momentum=BN_MOMENTUM),
+            conv2_act=nn.Identity() if preact else nn.ReLU(inplace=True),
+        ))
         self.out_channels = 64
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1_act(self.conv1_bn(self.conv1(x)))
-        return self.conv2_act(self.conv2_bn(self.conv2(x)))
 
 
 class XceptionAligned(XceptionBase):

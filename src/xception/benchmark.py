@@ -76,6 +76,7 @@ Mode = Literal["inference", "train"]
 Device = Literal["cpu", "cuda"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
 MODES = ("inference", "train")
 DEVICES = ("cpu", "cuda")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +107,12 @@ class BenchmarkConfig:
     min_run_time: float = 0.0  # minimum seconds per timed run
     device: Device = "cpu"
     num_threads: int | None = None  # torch intra-op threads during the benchmark; None keeps the current setting
+    # compare() also times ours as xception.optimize_for_inference makes it at each of these precisions (inference
+    # only), beside the eager candidates: BN folded, layout by measurement, bf16 weights or int8 (calibrated on
+    # random images: speed does not depend on the calibration). int8 is always compiled, the others when
+    # deploy_compile is set.
+    deploy: tuple[str, ...] = ()
+    deploy_compile: bool = False
 
     def __post_init__(self) -> None:
         size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
@@ -115,6 +122,13 @@ class BenchmarkConfig:
         for name, choices in (("precision", PRECISIONS), ("mode", MODES), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "deploy", tuple(self.deploy))
+        if any(precision not in DEPLOY_PRECISIONS for precision in self.deploy):
+            raise ValueError(f"deploy precisions must be among {DEPLOY_PRECISIONS}, got {self.deploy}")
+        if self.deploy and self.mode != "inference":
+            raise ValueError("deploy candidates are timed in inference mode only")
+        if "int8" in self.deploy and self.device != "cpu":
+            raise ValueError("int8 deploy runs on the CPU (oneDNN int8 kernels)")
         if self.precision == "fp16" and self.device != "cuda":
             raise ValueError("precision 'fp16' needs device 'cuda': CPU autocast runs fp16 convolutions slowly or "
                              "not at all; use 'bf16' on the CPU")
@@ -166,6 +180,8 @@ class Candidate:
     params: int | None = None
     macs: int | None = None
     compiled: bool = False
+    precision: str | None = None  # None: the config's
+    compile_s: float | None = None  # when compiled before the benchmark (deploy); else timed at the first call
 
 
 class PeerUnavailable(Exception):
@@ -183,6 +199,8 @@ def measure(model: nn.Module | Callable[[], nn.Module] | None, config: Benchmark
     train mode its weights are updated, so pass a copy to keep the original.
     """
     _check_device(config.device)
+    if config.deploy:
+        raise ValueError("measure() times one eager model; compare() times the deploy candidates beside it")
     with _num_threads(config.num_threads):
         if model is None:
             module = create_model(config.model, **config.model_options)
@@ -213,7 +231,7 @@ def run_interleaved(candidates: Sequence[Candidate], config: BenchmarkConfig) ->
             candidate.step()
             sync()
             if i == 0 and candidate.compiled:
-                compile_s[index] = perf_counter() - start
+                compile_s[index] = perf_counter() - start if candidate.compile_s is None else candidate.compile_s
         peak_memory[index] = probe.stop() if warmups else None
 
     throughputs: list[list[float]] = [[] for _ in candidates]
@@ -226,7 +244,8 @@ def run_interleaved(candidates: Sequence[Candidate], config: BenchmarkConfig) ->
 
     return [
         Result(
-            candidate=candidate.name, layout=candidate.layout, mode=config.mode, precision=config.precision,
+            candidate=candidate.name, layout=candidate.layout, mode=config.mode,
+            precision=candidate.precision or config.precision,
             device=config.device, batch_size=config.batch_size, img_size=candidate.img_size,
             compiled=candidate.compiled, images_per_s=statistics.median(throughputs[index]),
             p50_ms=1000 * _percentile(latencies[index], 50), p90_ms=1000 * _percentile(latencies[index], 90),
@@ -378,6 +397,25 @@ def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, c
                      params=params, macs=macs, compiled=config.compile)
 
 
+def deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, precision: str) -> Candidate:
+    """Ours as :func:`xception.deploy.optimize_for_inference` makes it at ``precision``, fed the same contiguous
+    NCHW float batch as the eager candidates (its own cast and layout change are part of its time)."""
+    from .deploy import optimize_for_inference
+
+    height, width = config.img_size
+    in_chans = getattr(module, "in_chans", 3)
+    module.to(config.device).eval()
+    params, macs = _count(module, (height, width), in_chans)
+    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    calibration = [torch.randn_like(x) for _ in range(4)] if precision == "int8" else None
+    deployed = optimize_for_inference(module, precision, calibration, example_input=x,
+                                      compile=config.deploy_compile)
+    return Candidate(f"{name} deploy", "channels_last" if deployed.channels_last else "contiguous",
+                     lambda: deployed(x), (height, width), params=params, macs=macs,
+                     compiled="compile_s" in deployed.report, precision=precision,
+                     compile_s=deployed.report.get("compile_s"))
+
+
 def _count(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
     """Parameters, and MACs per image when the summary's forward pass can run the module."""
     try:
@@ -484,7 +522,8 @@ PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
 
 def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "inception_v3"), *,
             limits: dict[str, Any] | None = None) -> list[Result]:
-    """Time ``config.model`` and its peers interleaved in one process: ours first, then each peer in order.
+    """Time ``config.model`` and its peers interleaved in one process: ours first, then ours deployed at each
+    ``config.deploy`` precision, then each peer in order.
 
     timm is timed in both layouts and reported in the faster (the other's speed goes in ``note``). Each
     result gets ``ratio_vs_timm`` (its throughput over timm's best) and ``ratio_vs_ours``; a peer that cannot
@@ -495,8 +534,11 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
         raise ValueError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
     _check_device(config.device)
     with _num_threads(config.num_threads):
-        ours = module_candidate(config.model, create_model(config.model, **config.model_options), config)
-        groups: list[list[Candidate] | Result] = [[ours]]  # a peer's candidates, or its skipped result
+        model = create_model(config.model, **config.model_options)
+        # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
+        groups: list[list[Candidate] | Result] = [
+            [deployed_candidate(config.model, model, config, precision)] for precision in config.deploy]
+        groups.insert(0, [module_candidate(config.model, model, config)])
         for peer in peers:
             try:
                 groups.append(PEERS[peer](config))

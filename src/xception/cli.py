@@ -1,4 +1,4 @@
-"""The ``xception`` command line: train, eval, predict, summary, models, convert, benchmark."""
+"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from .registry import create_model, list_models
 from .summary import summarize
 from .train import TrainingError
 from .weights import get_weights, list_weights, save_weights
+
+CALIBRATION_IMAGES = 512  # int8 calibration: enough to settle the activation ranges
+PREDICT_BATCH = 16
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -104,10 +107,12 @@ def command_benchmark(args: argparse.Namespace) -> int:
         model=args.model, model_options=parse_options(args.set), batch_size=args.batch_size, img_size=args.img_size,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile, mode=args.mode,
         warmup=args.warmup, repeats=args.repeats, iterations=args.iterations, device=args.device,
-        num_threads=args.threads)
+        num_threads=args.threads, deploy=tuple(p for p in args.deploy.split(",") if p),
+        deploy_compile=args.deploy_compile)
     limits = benchmark.machine_limits(device=args.device, num_threads=args.threads) if args.limits else None
-    if args.compare:
-        results = benchmark.compare(config, peers=tuple(p for p in args.peers.split(",") if p), limits=limits)
+    if args.compare or config.deploy:
+        peers = tuple(p for p in args.peers.split(",") if p) if args.compare else ()
+        results = benchmark.compare(config, peers=peers, limits=limits)
     else:
         results = [benchmark.measure(None, config, limits=limits)]
     formats = {"markdown": lambda r: benchmark.results_to_markdown(r, limits), "json": benchmark.results_to_json,
@@ -116,6 +121,32 @@ def command_benchmark(args: argparse.Namespace) -> int:
     if args.output:
         args.output.write_text(text + "\n")
     print(text)
+    return 0
+
+
+def command_export(args: argparse.Namespace) -> int:
+    """ONNX with a dynamic batch dimension, checked against PyTorch in onnxruntime when it is installed."""
+    from .deploy import check_onnx, export_onnx
+    from .predict import load_registered, load_trained
+
+    if args.checkpoint is not None and args.weights is not None:
+        raise ValueError("give --checkpoint RUN_DIR|WEIGHTS or --weights NAME, not both")
+    if args.checkpoint:
+        loaded = load_trained(args.checkpoint)
+        model, img_size = loaded.model, args.img_size or loaded.img_size
+    elif args.weights:
+        loaded = load_registered(args.model, args.weights)
+        model, img_size = loaded.model, args.img_size or loaded.img_size
+    else:
+        model, img_size = create_model(args.model).eval(), args.img_size or 299
+    path = export_onnx(model, args.output, img_size=img_size)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input images: (batch, {model.in_chans}, "
+          f"{img_size}, {img_size}) float32, batch dynamic")
+    if args.check:
+        error = check_onnx(model, path, img_size=img_size)
+        print(f"onnxruntime vs PyTorch: max relative error {error:.2e} (bound 1e-4)")
+        if error > 1e-4:
+            raise ValueError(f"the ONNX model differs from PyTorch by {error:.2e} relative, above 1e-4")
     return 0
 
 
@@ -156,6 +187,8 @@ def command_eval(args: argparse.Namespace) -> int:
 
     loaded = load_trained(args.checkpoint)
     transform = loaded.transform()
+    if args.precision is not None:
+        loaded = deploy_for_eval(loaded, args.precision, args.data, args.batch_size)
     if args.data == "fashion-mnist":
         images, labels = load_fashion_mnist("test" if args.split in ("val", "test") else "train")
         dataset = ImageDataset.in_memory(images, labels, transform, list(FASHION_MNIST_CLASSES))
@@ -167,7 +200,8 @@ def command_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the model's {loaded.classes[:5]}...")
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping,
                         sampler=ResumableSampler(len(dataset), shuffle=False))
-    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"), channels_last=True)
+    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"),
+                       channels_last=args.precision is None)
     output = Path(args.output) if args.output else (Path(args.checkpoint) if Path(args.checkpoint).is_dir()
                                                     else Path(args.checkpoint).parent)
     output.mkdir(parents=True, exist_ok=True)
@@ -180,6 +214,24 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "samples", "skipped", "per_class")}))
     return 0
+
+
+def deploy_for_eval(loaded: Any, precision: str, data: str, batch_size: int) -> Any:
+    """The loaded model deployed at ``precision``; int8 is calibrated on training images, never the evaluated ones."""
+    from .data import ImageDataset, SampleKey, load_fashion_mnist
+    from .predict import deploy_loaded
+
+    calibration = None
+    if precision == "int8":
+        transform = loaded.transform()
+        if data == "fashion-mnist":
+            images, _ = load_fashion_mnist("train")
+            calibration = torch.stack([transform(image[None]) for image in images[:CALIBRATION_IMAGES]])
+        else:
+            train_set = ImageDataset.from_folder(Path(data), "train", transform, classes=loaded.classes)
+            samples = (train_set[SampleKey(0, i)] for i in range(min(len(train_set), 2 * CALIBRATION_IMAGES)))
+            calibration = torch.stack([sample[0] for sample in samples if sample is not None][:CALIBRATION_IMAGES])
+    return deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
@@ -203,12 +255,16 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 
 def command_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image; exit code 1 when some files could not be read (the rest are still predicted)."""
-    from .predict import load_registered, load_trained, predict
+    from .predict import deploy_loaded, load_images, load_registered, load_trained, predict
 
     if (args.checkpoint is None) == (args.weights is None):
         raise ValueError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME (e.g. --weights imagenet)")
     loaded = load_trained(args.checkpoint) if args.checkpoint else load_registered(args.model, args.weights)
-    results = predict(loaded, args.inputs, top_k=args.top_k)
+    if args.precision is not None:
+        calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
+        batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
+        loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
+    results = predict(loaded, args.inputs, top_k=args.top_k, batch_size=PREDICT_BATCH)
     if not results:
         raise ValueError(f"no images found in {' '.join(map(str, args.inputs))}")
     for result in results:
@@ -282,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    evaluate.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
+                          help="evaluate the deployed model (optimize_for_inference) at this precision; int8 is "
+                               "calibrated on 512 training images")
     evaluate.set_defaults(run=command_eval)
 
     pred = commands.add_parser("predict", help="top-k classes of images or folders of images")
@@ -291,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
     pred.add_argument("--top-k", type=int, default=5)
     pred.add_argument("--json", action="store_true", help="one JSON object per file")
+    pred.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
+                      help="run the deployed model (BN folded; not compiled except for int8, which is "
+                           "calibrated on the given images)")
     pred.set_defaults(run=command_predict)
 
     bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
@@ -298,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--img-size", type=int, default=299)
-    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="autocast precision of the eager candidates")
+    bench.add_argument("--deploy", default="", metavar="PRECISIONS",
+                       help="also time ours as optimize_for_inference makes it at these precisions, e.g. "
+                            "fp32,bf16,int8 (inference only)")
+    bench.add_argument("--deploy-compile", action="store_true", help="compile the fp32/bf16 deploy candidates")
     bench.add_argument("--channels-last", action="store_true")
     bench.add_argument("--compile", action="store_true", help="torch.compile (compile time is reported)")
     bench.add_argument("--mode", choices=("inference", "train"), default="inference")
@@ -313,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
     bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     bench.set_defaults(run=command_benchmark)
+
+    export = commands.add_parser("export", help="export to ONNX (dynamic batch), checked with onnxruntime")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--checkpoint", help="a run folder or a weights file")
+    export.add_argument("--weights", help="registered weights of --model, e.g. imagenet")
+    export.add_argument("--model", default="xception", choices=list_models())
+    export.add_argument("--img-size", type=int, help="default: the model's training or evaluation size")
+    export.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare with PyTorch in onnxruntime (default: on)")
+    export.set_defaults(run=command_export)
 
     convert = commands.add_parser("convert", help="convert Keras .h5 or timm/Cadene .pth weights to safetensors")
     convert.add_argument("source", type=Path)

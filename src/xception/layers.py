@@ -68,19 +68,23 @@ class MaxPool2dSame(nn.Module):
     which is exactly one extra -inf element after: so padding ``before`` on both sides with
     ``ceil_mode`` reproduces TensorFlow without copying the input. At stride 1 ``ceil_mode`` adds no
     window, so an odd total padding (an even kernel) is padded explicitly.
+
+    ``explicit_padding = True`` always pads explicitly (a copy of the input): Inductor's int8 lowering
+    mishandles the ``ceil_mode`` window, so the int8 deploy path sets it.
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.stride = stride
+        self.explicit_padding = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
         left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if self.stride == 1 and (bottom != top or right != left):
+        if self.explicit_padding or (self.stride == 1 and (bottom != top or right != left)):
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-            return F.max_pool2d(x, self.kernel_size, 1)
+            return F.max_pool2d(x, self.kernel_size, self.stride)
         return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
@@ -117,24 +116,23 @@ class XceptionConfig:
             size += 1
 
 
-class Stem(nn.Module):
-    """block1: two 3x3 convolutions, the first with stride 2 (valid padding in the paper's network)."""
+class Stem(nn.Sequential):
+    """block1: two 3x3 convolutions, the first with stride 2 (valid padding in the paper's network), each
+    followed by BN and ReLU. A Sequential, so that every conv -> BN pair is visible to BN folding."""
 
     def __init__(self, in_chans: int, widths: tuple[int, int], eps: float, momentum: float, stride: int = 2,
                  padding: str = "valid") -> None:
-        super().__init__()
-        self.conv1 = Conv2dSame(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
+        conv1 = Conv2dSame(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
             nn.Conv2d(in_chans, widths[0], 3, stride=stride, bias=False)
-        self.conv1_bn = nn.BatchNorm2d(widths[0], eps=eps, momentum=momentum)
-        self.conv1_act = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1 if padding == "same" else 0, bias=False)
-        self.conv2_bn = nn.BatchNorm2d(widths[1], eps=eps, momentum=momentum)
-        self.conv2_act = nn.ReLU(inplace=True)
+        super().__init__(OrderedDict(
+            conv1=conv1,
+            conv1_bn=nn.BatchNorm2d(widths[0], eps=eps, momentum=momentum),
+            conv1_act=nn.ReLU(inplace=True),
+            conv2=nn.Conv2d(widths[0], widths[1], 3, padding=1 if padding == "same" else 0, bias=False),
+            conv2_bn=nn.BatchNorm2d(widths[1], eps=eps, momentum=momentum),
+            conv2_act=nn.ReLU(inplace=True),
+        ))
         self.out_channels = widths[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1_act(self.conv1_bn(self.conv1(x)))
-        return self.conv2_act(self.conv2_bn(self.conv2(x)))
 
 
 def xception_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,

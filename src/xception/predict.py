@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -64,6 +65,37 @@ def load_registered(model_name: str, weights_name: str) -> LoadedModel:
     config = registered.transform_config
     classes = list(imagenet_categories()) if registered.categories else [str(i) for i in range(model.num_classes)]
     return LoadedModel(model, classes, 3, config["crop_size"], config["resize_size"] / config["crop_size"])
+
+
+def deploy_loaded(loaded: LoadedModel, precision: str, calibration: torch.Tensor | None = None,
+                  batch_size: int = 1) -> LoadedModel:
+    """The same model made fast by :func:`xception.optimize_for_inference`: BatchNorm folded, memory layout timed
+    at ``batch_size``, bf16 or int8. int8 needs ``calibration`` (preprocessed images, NCHW) and compiles for
+    ``batch_size``; fp32 and bf16 are not compiled, which would not pay off for a few batches."""
+    from .deploy import optimize_for_inference
+
+    example = torch.zeros(batch_size, loaded.in_chans, loaded.img_size, loaded.img_size)
+    if calibration is not None:
+        example = calibration[:batch_size]
+    model = optimize_for_inference(loaded.model, precision, calibration, example_input=example)
+    return dataclasses.replace(loaded, model=model)
+
+
+def load_images(loaded: LoadedModel, files: Iterable[str | Path], limit: int) -> torch.Tensor:
+    """Up to ``limit`` readable images among ``files``, preprocessed for ``loaded`` (unreadable ones skipped)."""
+    transform = loaded.transform()
+    mode = "L" if loaded.in_chans == 1 else "RGB"
+    tensors = []
+    for path in image_files(files):
+        try:
+            tensors.append(transform(open_image(path, mode)))
+        except (ImageError, OSError):
+            continue
+        if len(tensors) == limit:
+            break
+    if not tensors:
+        raise ValueError("no readable images to calibrate int8 with")
+    return torch.stack(tensors)
 
 
 def image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:

@@ -1,0 +1,353 @@
+"""Fast inference: BatchNorm folding, memory layout, bf16, int8 and compilation; ONNX export.
+
+:func:`optimize_for_inference` turns a trained model into an inference-only one that takes the same NCHW float
+batch and returns the same float32 output:
+
+1. **BatchNorm folding.** In evaluation a BatchNorm is a per-channel affine map, so it can be folded into the
+   convolution in front of it (``w' = w * s``, ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``).
+   Xception has one after every separable convolution and, in the aligned family, one after every depthwise
+   convolution: folding removes a full pass over each activation. It is exact up to rounding (computed in
+   float64). A BatchNorm that follows a ReLU or a residual sum (the pre-activation variants' block entries)
+   has no convolution directly in front of it and stays.
+2. **Memory layout**, chosen by timing both on an example batch: depthwise convolutions are several times
+   faster in channels_last on x86 CPUs, but the choice is measured, not assumed.
+3. **Precision.** ``"bf16"`` casts weights and activations to bfloat16 (fast on CPUs with AVX-512 BF16 or AMX,
+   and on GPUs). ``"int8"`` is post-training static quantization with PyTorch 2 export (PT2E) and the x86
+   Inductor quantizer from ``torchao``: int8 weights (per channel) and activations (per tensor), calibrated on
+   real images, executed by oneDNN int8 kernels once compiled (so int8 always compiles).
+4. **Compilation** (optional for fp32/bf16): ``torch.compile`` with weight freezing, which fuses the ReLUs and
+   paddings into the convolutions. Its cost is paid at the first call and reported as ``compile_s``; Inductor's
+   on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default under the system temp folder) makes a second process
+   compile the same model much faster. For a handful of images it does not pay off: ``predict`` leaves it off.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .layers import MaxPool2dSame, SeparableConv2d
+
+log = logging.getLogger("xception.deploy")
+
+DeployPrecision = Literal["fp32", "bf16", "int8"]
+DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: float in, float out
+CALIBRATION_BATCHES = 32  # at most this many batches of calibration_data are used
+
+
+# --- BatchNorm folding ------------------------------------------------------------------------------
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in evaluation mode with every BatchNorm that directly follows a convolution folded
+    into it (the BatchNorm becomes ``nn.Identity``). The original is left untouched.
+
+    "Directly follows" means: the next module of an ``nn.Sequential`` after a convolution or a separable
+    convolution (folded into its last convolution), or the BatchNorm between the two halves of a
+    :class:`~xception.layers.SeparableConv2d` (folded into its first).
+    """
+    folded = copy.deepcopy(model).eval()
+    count = 0
+    for module in folded.modules():
+        if isinstance(module, SeparableConv2d) and isinstance(module.mid_norm, nn.BatchNorm2d):
+            first = module.depthwise if module.order == "depthwise_first" else module.pointwise
+            _fold_into(first, module.mid_norm)
+            module.mid_norm = nn.Identity()
+            count += 1
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for previous, name in itertools.pairwise(names):
+                norm, conv = module._modules[name], _last_conv(module._modules[previous])
+                if isinstance(norm, nn.BatchNorm2d) and conv is not None:
+                    _fold_into(conv, norm)
+                    module._modules[name] = nn.Identity()
+                    count += 1
+    folded.folded_batchnorms = count
+    return folded
+
+
+def _last_conv(module: nn.Module | None) -> nn.Conv2d | None:
+    if isinstance(module, nn.Conv2d):
+        return module
+    if isinstance(module, SeparableConv2d):
+        return module.pointwise if module.order == "depthwise_first" else module.depthwise
+    return None
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError(f"cannot fold {norm}: it keeps no running statistics (track_running_stats=False)")
+    if conv.out_channels != norm.num_features:
+        raise ValueError(f"cannot fold {norm} into {conv}: {conv.out_channels} channels vs {norm.num_features}")
+    scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.double() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype),
+                               requires_grad=False)
+    conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
+
+
+# --- the deployed model -----------------------------------------------------------------------------
+
+class DeployedModel(nn.Module):
+    """An inference-only model: casts and lays out the NCHW float input as its ``module`` wants, runs it
+    without autograd, and returns float32 (a tensor, or a list of them for a feature extractor).
+
+    A compiled module is compiled for one batch size (``static_batch``): other batches are cut into pieces of
+    that size and the last piece is padded with zeros, which is exact since an evaluation-mode network treats
+    each image on its own. That way a data set whose last batch is short costs no second compilation.
+
+    ``report`` says what was done: folded BatchNorms, the layout and the timings behind it, compile time.
+    """
+
+    def __init__(self, module: nn.Module | Any, *, precision: str, channels_last: bool, num_classes: int | None,
+                 in_chans: int, report: dict[str, Any], static_batch: int | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.precision = precision
+        self.channels_last = channels_last
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.report = report
+        self.static_batch = static_batch
+
+    def train(self, mode: bool = True) -> DeployedModel:
+        """Inference only: ``train()``/``eval()`` (which evaluation loops call) leave the wrapped module in evaluation
+        mode; an exported int8 graph refuses them altogether."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> Any:
+        x = x.to(DTYPES[self.precision])
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.static_batch is None:
+            with torch.inference_mode():
+                return _to_float32(self.module(x))
+        # Freezing (weights as constants, prepacked for oneDNN) is an Inductor setting read when it compiles, which
+        # happens inside a call; torch.compile's `options` do not reach it.
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+            if len(x) == self.static_batch:
+                return _to_float32(self.module(x))
+            pieces = []
+            for piece in x.split(self.static_batch):
+                missing = self.static_batch - len(piece)
+                if missing:
+                    piece = torch.cat([piece, piece.new_zeros((missing, *piece.shape[1:]))])
+                    piece = piece.contiguous(memory_format=torch.channels_last if self.channels_last
+                                             else torch.contiguous_format)
+                pieces.append(_keep_first(self.module(piece), self.static_batch - missing))
+            return _to_float32(_concatenate(pieces))
+
+
+def _keep_first(output: Any, count: int) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output[:count]
+    return type(output)(_keep_first(item, count) for item in output)
+
+
+def _concatenate(pieces: list[Any]) -> Any:
+    if isinstance(pieces[0], torch.Tensor):
+        return torch.cat(pieces)
+    return type(pieces[0])(_concatenate(list(items)) for items in zip(*pieces, strict=True))
+
+
+def _to_float32(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return type(output)(_to_float32(item) for item in output)
+
+
+def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32",
+                           calibration_data: Iterable[Any] | torch.Tensor | None = None, *,
+                           example_input: torch.Tensor | None = None, channels_last: bool | None = None,
+                           compile: bool = False) -> DeployedModel:
+    """An inference-only copy of ``model`` (see the module docstring) that takes the same input and gives the
+    same kind of output.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        calibration_data: for int8 (required): real images, as an NCHW tensor, or an iterable of batches
+            (tensors, or ``(images, labels, ...)`` tuples as a DataLoader yields). The first 32 batches are used.
+        example_input: a batch of the size you will run, used to time the memory layouts and, for int8, to
+            export; by default the first calibration batch, else one random image at the model's default size.
+        channels_last: force a memory layout; None times both and keeps the faster.
+        compile: ``torch.compile`` with frozen weights (always on for int8).
+    """
+    if precision not in DEPLOY_PRECISIONS:
+        raise ValueError(f"precision must be one of {DEPLOY_PRECISIONS}, got {precision!r}")
+    if precision == "int8" and calibration_data is None:
+        raise ValueError("precision 'int8' needs calibration_data: a few hundred real images (an NCHW tensor or "
+                         "a DataLoader) preprocessed as for evaluation, to set the activation ranges")
+    device = next(model.parameters()).device
+    calibration = _calibration_batches(calibration_data, device) if calibration_data is not None else []
+    if example_input is None:
+        example_input = calibration[0] if calibration else _default_input(model, device)
+    in_chans = getattr(model, "in_chans", example_input.shape[1])
+    report: dict[str, Any] = {"precision": precision}
+
+    module = fold_batchnorm(model)
+    report["folded_batchnorms"] = module.folded_batchnorms
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    if precision == "bf16":
+        module = module.to(torch.bfloat16)
+    example = example_input.to(device=device, dtype=DTYPES[precision])
+    if channels_last is None:
+        channels_last, timings = _faster_layout(module, example)
+        report["layout_ms"] = timings
+    report["channels_last"] = channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module = module.to(memory_format=memory_format)
+    example = example.contiguous(memory_format=memory_format)
+
+    if precision == "int8":
+        for pool in module.modules():
+            if isinstance(pool, MaxPool2dSame):
+                pool.explicit_padding = True
+        module = _quantize_int8(module, example, calibration)
+        report["calibration_images"] = sum(len(batch) for batch in calibration)
+        compile = True
+    deployed = DeployedModel(module, precision=precision, channels_last=channels_last,
+                             num_classes=getattr(model, "num_classes", None), in_chans=in_chans, report=report)
+    if compile:
+        deployed.module = torch.compile(module)
+        deployed.static_batch = len(example)
+        start = time.perf_counter()
+        deployed(example_input)  # compile now, so that the cost is paid and reported here, not at the first use
+        report["compile_s"] = round(time.perf_counter() - start, 2)
+    log.info("deployed %s: %s", getattr(model, "model_name", type(model).__name__), report)
+    return deployed
+
+
+def _default_input(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """One random image at 299x299, the paper's input size: pass ``example_input`` for any other."""
+    return torch.randn(1, getattr(model, "in_chans", 3), 299, 299, device=device)
+
+
+def _calibration_batches(data: Iterable[Any] | torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise ValueError(f"calibration_data as a tensor must be an NCHW batch, got shape {list(data.shape)}")
+        data = data.split(32)
+    batches = []
+    for item in data:
+        batch = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+            raise ValueError("calibration_data must yield NCHW image tensors or (images, labels, ...) tuples")
+        if len(batch):
+            batches.append(batch.to(device=device, dtype=torch.float32))
+        if len(batches) == CALIBRATION_BATCHES:
+            break
+    if not batches:
+        raise ValueError("calibration_data holds no images")
+    return batches
+
+
+@torch.inference_mode()
+def _faster_layout(module: nn.Module, example: torch.Tensor, repeats: int = 3) -> tuple[bool, dict[str, float]]:
+    """Time the module in both layouts on ``example``: (channels_last is faster, {layout: best ms})."""
+    timings = {}
+    for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        module.to(memory_format=memory_format)
+        x = example.contiguous(memory_format=memory_format)
+        module(x)  # warm-up: kernel selection, weight reordering
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(x)
+            best = min(best, time.perf_counter() - start)
+        timings[layout] = round(1000 * best, 3)
+    return timings["channels_last"] <= timings["contiguous"], timings
+
+
+def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
+    """PT2E static quantization: export, insert observers, calibrate, convert to quantize/dequantize pairs
+    that Inductor lowers to oneDNN int8 kernels."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as error:
+        raise ImportError("precision 'int8' needs torchao (pip install 'xception[deploy]' or pip install torchao)"
+                          ) from error
+    # A static batch: Inductor's int8 convolution weights are prepacked for known shapes, and DeployedModel feeds a
+    # compiled module one batch size only.
+    exported = torch.export.export(module, (example,)).module()
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    size = len(example)  # the exported graph takes batches of this size only
+    pieces = [piece for piece in torch.cat(calibration).split(size) if len(piece) == size]
+    if not pieces:
+        raise ValueError(f"int8 calibration needs at least one full batch of {size} images (the example's batch "
+                         f"size), got {sum(len(batch) for batch in calibration)}")
+    with torch.no_grad():
+        for images in pieces:
+            prepared(images.contiguous(memory_format=_memory_format(example)))
+    return convert_pt2e(prepared)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+def export_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299,
+                opset: int = 18) -> Path:
+    """Write ``model`` (BatchNorm folded, fp32) to an ONNX file with a dynamic batch dimension.
+
+    The file is written to a temporary name and renamed, so a failed export leaves no partial file.
+    """
+    path = Path(path)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    folded = fold_batchnorm(model)
+    example = torch.randn(2, getattr(model, "in_chans", 3), height, width)
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.onnx.export(folded, (example,), str(partial), input_names=["images"], output_names=["output"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, opset_version=opset,
+                          dynamo=True, external_data=False)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def check_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299,
+               batch_sizes: tuple[int, ...] = (1, 3)) -> float:
+    """The largest relative difference (max |onnx - torch| / max |torch|) between onnxruntime running ``path`` and
+    ``model`` on random batches of each size in ``batch_sizes``."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError("checking an ONNX export needs onnxruntime (pip install 'xception[deploy]')") from error
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    model = model.eval()
+    worst = 0.0
+    for batch in batch_sizes:
+        x = torch.rand(batch, getattr(model, "in_chans", 3), height, width) * 2 - 1
+        (output,) = session.run(None, {input_name: x.numpy()})
+        with torch.no_grad():
+            expected = model(x).double()
+        worst = max(worst, ((torch.from_numpy(output).double() - expected).abs().max() / expected.abs().max()).item())
+    return worst

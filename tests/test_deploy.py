@@ -1,0 +1,163 @@
+"""Inference deployment: BatchNorm folding is exact, every optimized path predicts what the eager model does, and
+the ONNX export matches PyTorch in onnxruntime.
+
+Tolerances (relative to the largest logit, see conftest.relative_error): fp32 paths 1e-5; bf16 5e-2 (8 bits of
+mantissa through some thirty layers); int8 0.15 (per-tensor activations on random weights, which spread values
+more than trained ones; the accuracy of a trained model is measured in BENCHMARKS.md).
+"""
+
+import pytest
+import torch
+from conftest import calibrate_batch_norm, relative_error
+from torch import nn
+
+from xception import create_model
+from xception.cli import main
+from xception.deploy import DeployedModel, check_onnx, export_onnx, fold_batchnorm, optimize_for_inference
+from xception.weights import save_weights
+
+SMALL = {"entry_widths": (16, 32), "middle_repeats": 1, "exit_widths": (32, 48), "tail_widths": (48, 64),
+         "stem_widths": (8, 16)}
+
+
+def small_xception(size: int = 71, **options) -> nn.Module:
+    model = create_model("xception", num_classes=10, **{**SMALL, **options})
+    return calibrate_batch_norm(model, size, model.head.predictions)
+
+
+def batch_norms(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("options", [{}, {"mid_activation": "bn_relu"}, {"order": "pointwise_first"},
+                                     {"mid_activation": "bn", "order": "pointwise_first", "segments": 4}])
+def test_folding_is_exact_and_removes_every_batchnorm(options, one_thread):
+    model = small_xception(**options)
+    x = torch.rand(2, 3, 71, 71) * 2 - 1
+    folded = fold_batchnorm(model)
+    assert batch_norms(folded) == []
+    assert folded.folded_batchnorms == len(batch_norms(model))
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) <= 1e-5
+
+
+def test_folding_leaves_the_original_untouched(one_thread):
+    model = small_xception().train()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fold_batchnorm(model)
+    assert model.training
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["xception41", "xception41p"])
+def test_folding_the_aligned_family(name, one_thread):
+    model = create_model(name, num_classes=10)
+    calibrate_batch_norm(model, 64, model.head.predictions)
+    folded = fold_batchnorm(model)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) <= 1e-5
+    remaining = batch_norms(folded)
+    if name == "xception41":
+        assert remaining == []
+    else:  # pre-activation: only the BN at each block's entry follows a sum, not a convolution
+        assert remaining and all(name.endswith(".entry.bn") for name in remaining)
+
+
+def test_folding_a_feature_extractor(one_thread):
+    model = create_model("xception", features_only=True, out_indices=(1, 3), **SMALL)
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.rand(1, 3, 71, 71)
+    with torch.no_grad():
+        expected = model(x)
+    actual = optimize_for_inference(model, example_input=x)(x)
+    assert isinstance(actual, list) and len(actual) == 2
+    for a, e in zip(actual, expected, strict=True):
+        assert relative_error(a, e) <= 1e-5
+
+
+def test_fp32_deploy_matches_eager_and_reports_what_it_did(one_thread):
+    model = small_xception()
+    x = torch.rand(3, 3, 71, 71) * 2 - 1
+    deployed = optimize_for_inference(model, example_input=x)
+    assert isinstance(deployed, DeployedModel)
+    assert set(deployed.report["layout_ms"]) == {"contiguous", "channels_last"}
+    assert deployed.report["folded_batchnorms"] == len(batch_norms(model))
+    output = deployed(x)  # a contiguous NCHW batch, as for the original model
+    assert output.dtype == torch.float32 and output.shape == (3, 10)
+    with torch.no_grad():
+        assert relative_error(output, model(x)) <= 1e-5
+
+
+def test_bf16_deploy_is_close_to_fp32(one_thread):
+    model = small_xception()
+    x = torch.rand(4, 3, 71, 71) * 2 - 1
+    deployed = optimize_for_inference(model, "bf16", example_input=x, channels_last=True)
+    assert next(deployed.module.parameters()).dtype == torch.bfloat16
+    output = deployed(x)
+    assert output.dtype == torch.float32
+    with torch.no_grad():
+        assert relative_error(output, model(x)) <= 5e-2
+
+
+def test_compiled_deploy_pads_a_short_batch_instead_of_recompiling(one_thread):
+    model = small_xception()
+    x = torch.rand(5, 3, 71, 71) * 2 - 1
+    deployed = optimize_for_inference(model, example_input=x[:2], channels_last=True, compile=True)
+    assert deployed.static_batch == 2 and deployed.report["compile_s"] > 0
+    with torch.no_grad():
+        expected = model(x)
+    assert relative_error(deployed(x), expected) <= 1e-5  # 2 + 2 + 1 padded to 2
+    assert relative_error(deployed(x[:1]), expected[:1]) <= 1e-5
+
+
+def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
+    pytest.importorskip("torchao")
+    # 32x32 without a strided stem: even feature maps, whose TF-same pooling window runs off the edge
+    model = small_xception(32, stem_stride=1)
+    calibration = torch.rand(16, 3, 32, 32) * 2 - 1
+    deployed = optimize_for_inference(model, "int8", calibration, example_input=calibration[:4],
+                                      channels_last=True)
+    assert deployed.report["calibration_images"] == 16
+    graph = deployed.module._orig_mod.graph  # the compiled PT2E module: real int8 quantize ops, not fake-quant
+    quantize_ops = [node for node in graph.nodes if "quantize_per_tensor" in str(node.target)]
+    assert quantize_ops
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = model(x)
+    actual = deployed(x)
+    assert relative_error(actual, expected) <= 0.15
+
+
+def test_bad_arguments_are_refused_clearly():
+    model = small_xception()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        optimize_for_inference(model, "fp16")
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        optimize_for_inference(model, "int8")
+    with pytest.raises(ValueError, match="NCHW"):
+        optimize_for_inference(model, "int8", torch.rand(3, 71, 71))
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, one_thread):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = small_xception()
+    path = export_onnx(model, tmp_path / "model.onnx", img_size=71)
+    assert path.exists() and not (tmp_path / "model.onnx.partial").exists()
+    (images,) = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
+    assert not isinstance(images.shape[0], int) and images.shape[1:] == [3, 71, 71]  # the batch is dynamic
+    assert check_onnx(model, path, img_size=71, batch_sizes=(1, 3)) <= 1e-4
+
+
+def test_export_command(tmp_path, one_thread, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = tmp_path / "weights.safetensors"
+    save_weights(small_xception(), path)
+    assert main(["export", "--checkpoint", str(path), "--img-size", "71", "--output", str(tmp_path / "m.onnx")]) == 0
+    assert "onnxruntime vs PyTorch: max relative error" in capsys.readouterr().out
