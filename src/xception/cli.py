@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact resume")
     train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast (default: the recipe's)")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                        help="channels_last memory layout (default: on; depthwise convolutions are faster in it)")
     train.add_argument("--compile", action="store_true")

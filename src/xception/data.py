@@ -500,9 +500,18 @@ class _ResizeCrop:
     crop: int | None = None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
-        image = TF.resize(image, size, antialias=True)
-        return image if self.crop is None else TF.center_crop(image, [self.crop])
+        height, width = image.shape[-2:]
+        if isinstance(self.resize, int):
+            resized = min(height, width) == self.resize
+            size = [self.resize]
+        else:
+            resized = (height, width) == tuple(self.resize)
+            size = list(self.resize)
+        if not resized:  # already the size asked for: the common case of small images, kept cheap
+            image = TF.resize(image, size, antialias=True)
+        if self.crop is None or image.shape[-2:] == (self.crop, self.crop):
+            return image
+        return TF.center_crop(image, [self.crop])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class Recipe:
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # Polyak averaging of the weights, used for evaluation
     clip_grad_norm: float | None = None
+    precision: str = "fp32"  # autocast: "fp32", "bf16" (CPU with AVX-512 BF16/AMX, or CUDA) or "fp16" (CUDA)
 
     def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
@@ -71,13 +72,16 @@ RECIPES: dict[str, Recipe] = {
     "compact": Recipe(
         name="compact",
         source="this project: a narrow Xception for 28-32 px images (stem without stride, two entry modules), "
-               "SGD with Nesterov momentum, linear warm-up and cosine decay, label smoothing and weight EMA",
+               "SGD with Nesterov momentum, linear warm-up and cosine decay, label smoothing, EMA, bf16 autocast",
         model_options={"stem_stride": 1, "stem_padding": "same", "stem_widths": (16, 32), "entry_widths": (48, 96),
                        "middle_repeats": 1, "exit_widths": (96, 192), "tail_widths": (192, 384),
                        "bn_momentum": 0.1},
         optimizer="sgd", lr=0.1, reference_batch_size=128, momentum=0.9, nesterov=True, weight_decay=5e-4,
-        schedule="cosine", warmup_epochs=0.5, epochs=6, batch_size=128, img_size=28, augmentation="compact",
+        schedule="cosine", warmup_epochs=0.5, epochs=9, batch_size=128, img_size=28, augmentation="compact",
         drop_rate=0.1, label_smoothing=0.1, ema_decay=0.999, clip_grad_norm=None,
+        # bf16 autocast halves the step time on CPUs with AVX-512 BF16 or AMX (measured on this project's
+        # machine: 99 vs 205 ms per batch of 128), which buys 9 epochs instead of 6 in the same time.
+        precision="bf16",
     ),
 }
 
