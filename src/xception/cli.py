@@ -1,4 +1,4 @@
-"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark."""
+"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark, experiment."""
 
 from __future__ import annotations
 
@@ -278,6 +278,20 @@ def command_predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in result for result in results) else 0
 
 
+def command_experiment(args: argparse.Namespace) -> int:
+    """Test one of the paper's claims (or all) at small scale; print each verdict and where the outputs are."""
+    from . import experiments
+
+    settings = experiments.make_settings(quick=args.quick, data=args.data, seeds=args.seeds, epochs=args.epochs)
+    results = experiments.run_experiments(args.name, settings, args.output, report=lambda line: print(line, flush=True))
+    for result in results:
+        print(result.summary_line())
+        print(f"  {args.output / result.name}/curves.png, results.md, results.json")
+    if args.docs:
+        print(f"report: {experiments.write_report(args.output, args.docs)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -397,6 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", type=Path)
     convert.add_argument("--model", default="xception", choices=list_models())
     convert.set_defaults(run=command_convert)
+
+    experiment = commands.add_parser("experiment", help="test the paper's claims at small scale: curves, tables, "
+                                                        "verdicts")
+    experiment.add_argument("name", help="activation, residual, spectrum, order, inception or all")
+    experiment.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder with train/ and val/")
+    experiment.add_argument("--seeds", type=int, help="training runs per variant (default 3; 1 with --quick)")
+    experiment.add_argument("--quick", action="store_true",
+                            help="one seed and a subset of the data: about 10 minutes, a smoke test, not evidence")
+    experiment.add_argument("--epochs", type=int, help="epochs per run (default 3)")
+    experiment.add_argument("--output", type=Path, default=Path("runs/experiments"),
+                            help="runs, curves, tables and JSON go here; finished runs in it are reused")
+    experiment.add_argument("--docs", type=Path, help="also write DOCS/paper-reproduction.md and DOCS/figures/")
+    experiment.set_defaults(run=command_experiment)
     return parser
 
 

@@ -89,4 +89,9 @@ RECIPES: dict[str, Recipe] = {
 def get_recipe(name: str, **overrides: Any) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
-    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+    recipe = RECIPES[name]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("model", recipe.model) != recipe.model:
+        # The recipe's architecture knobs are its own model's: another model trains with the recipe's schedule only.
+        overrides.setdefault("model_options", {})
+    return replace(recipe, **overrides)

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import aligned, models
+from . import aligned, inception, models
 from .backbone import FeatureExtractor, XceptionBase
 from .weights import load_weights
 
@@ -22,9 +23,16 @@ MODELS: dict[str, Callable[..., XceptionBase]] = {
     "xception65p": aligned.xception65p,
 }
 
+# Networks the paper compares Xception with, built here so that they train, checkpoint and evaluate like the
+# family (``xception experiment inception``). Not of the family: create_model builds them, list_models and
+# ``xception models`` leave them out, and they have no feature-map API.
+BASELINES: dict[str, Callable[..., nn.Module]] = {
+    "inception_v3_compact": inception.inception_v3_compact,
+}
+
 
 def list_models() -> list[str]:
-    """Names that :func:`create_model` accepts."""
+    """The Xception family's names, which :func:`create_model` accepts (it also builds the :data:`BASELINES`)."""
     return sorted(MODELS)
 
 
@@ -33,7 +41,7 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
                  output_stride: int = 32, multi_grid: tuple[int, ...] | None = None, features_only: bool = False,
                  out_indices: tuple[int, ...] | list[int] | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, **config: Any) -> XceptionBase | FeatureExtractor:
-    """Build a registered model, optionally with weights.
+    """Build a registered model, optionally with weights (or one of the :data:`BASELINES`, without).
 
     Args:
         name: one of :func:`list_models`.
@@ -51,16 +59,18 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         device, dtype: where and in which precision to create the parameters.
         **config: architecture knobs of the model (for "xception", see :class:`XceptionConfig`).
     """
-    if name not in MODELS:
+    builder = MODELS.get(name) or BASELINES.get(name)
+    if builder is None:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+    if features_only and name in BASELINES:
+        raise ValueError(f"{name} is a baseline for comparisons and has no feature-map API (features_only)")
     if features_only:
         num_classes, global_pool = 0, ""
     elif out_indices is not None:
         raise ValueError("out_indices needs features_only=True")
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = MODELS[name](num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
-                             drop_rate=drop_rate, drop_path_rate=drop_path_rate, output_stride=output_stride,
-                             multi_grid=multi_grid, **config)
+        model = builder(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool, drop_rate=drop_rate,
+                        drop_path_rate=drop_path_rate, output_stride=output_stride, multi_grid=multi_grid, **config)
     if dtype is not None:
         model.to(dtype=dtype)
     if weights is not None:
