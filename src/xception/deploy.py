@@ -185,7 +185,8 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         calibration_data: for int8 (required): real images, as an NCHW tensor, or an iterable of batches
             (tensors, or ``(images, labels, ...)`` tuples as a DataLoader yields). The first 32 batches are used.
         example_input: a batch of the size you will run, used to time the memory layouts and, for int8, to
-            export; by default the first calibration batch, else one random image at the model's default size.
+            export (a compiled model is compiled for its batch size); by default the first calibration batch,
+            else one random 299x299 image.
         channels_last: force a memory layout; None times both and keeps the faster.
         compile: ``torch.compile`` with frozen weights (always on for int8).
     """
@@ -220,7 +221,7 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         for pool in module.modules():
             if isinstance(pool, MaxPool2dSame):
                 pool.explicit_padding = True
-        module = _quantize_int8(module, example, calibration)
+        module = _quantize_int8(module, example, calibration, memory_format)
         report["calibration_images"] = sum(len(batch) for batch in calibration)
         compile = True
     deployed = DeployedModel(module, precision=precision, channels_last=channels_last,
@@ -276,7 +277,8 @@ def _faster_layout(module: nn.Module, example: torch.Tensor, repeats: int = 3) -
     return timings["channels_last"] <= timings["contiguous"], timings
 
 
-def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
+def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
+                   memory_format: torch.memory_format) -> nn.Module:
     """PT2E static quantization: export, insert observers, calibrate, convert to quantize/dequantize pairs
     that Inductor lowers to oneDNN int8 kernels."""
     try:
@@ -285,26 +287,21 @@ def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[t
     except ImportError as error:
         raise ImportError("precision 'int8' needs torchao (pip install 'xception[deploy]' or pip install torchao)"
                           ) from error
-    # A static batch: Inductor's int8 convolution weights are prepacked for known shapes, and DeployedModel feeds a
+    size = len(example)  # the graph is exported for this batch size only (see below)
+    pieces = [piece for piece in torch.cat(calibration).split(size) if len(piece) == size]
+    if not pieces:
+        raise ValueError(f"int8 calibration needs at least one full batch of {size} images (the example's batch "
+                         f"size), got {sum(len(batch) for batch in calibration)}")
+    # A static batch: Inductor prepacks int8 convolution weights for known shapes, and DeployedModel feeds a
     # compiled module one batch size only.
     exported = torch.export.export(module, (example,)).module()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
-    size = len(example)  # the exported graph takes batches of this size only
-    pieces = [piece for piece in torch.cat(calibration).split(size) if len(piece) == size]
-    if not pieces:
-        raise ValueError(f"int8 calibration needs at least one full batch of {size} images (the example's batch "
-                         f"size), got {sum(len(batch) for batch in calibration)}")
     with torch.no_grad():
         for images in pieces:
-            prepared(images.contiguous(memory_format=_memory_format(example)))
+            prepared(images.contiguous(memory_format=memory_format))
     return convert_pt2e(prepared)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------
