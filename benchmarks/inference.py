@@ -59,15 +59,14 @@ def deployed_accuracy(checkpoint: Path) -> list[dict]:
     """Top-1 of the checkpoint on the Fashion-MNIST test set: eager fp32, then deployed at each precision, with the
     share of test images on which the deployed model's top-1 class is the eager model's."""
     from xception.data import load_fashion_mnist
-    from xception.predict import deploy_loaded, load_trained
+    from xception.predict import calibration_images, deploy_loaded, load_trained
 
     loaded = load_trained(checkpoint)
     images, labels = load_fashion_mnist("test")
     transform = loaded.transform()
     batch_size = 250
     test = torch.stack([transform(image[None]) for image in images])
-    train_images, _ = load_fashion_mnist("train")
-    calibration = torch.stack([transform(image[None]) for image in train_images[:512]])  # never the test images
+    calibration = calibration_images(loaded, "fashion-mnist", 512)  # training images, never the test images
 
     def predictions(model) -> torch.Tensor:
         return torch.cat([model(test[i: i + batch_size]).argmax(1) for i in range(0, len(test), batch_size)])

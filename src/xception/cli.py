@@ -218,19 +218,9 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def deploy_for_eval(loaded: Any, precision: str, data: str, batch_size: int) -> Any:
     """The loaded model deployed at ``precision``; int8 is calibrated on training images, never the evaluated ones."""
-    from .data import ImageDataset, SampleKey, load_fashion_mnist
-    from .predict import deploy_loaded
+    from .predict import calibration_images, deploy_loaded
 
-    calibration = None
-    if precision == "int8":
-        transform = loaded.transform()
-        if data == "fashion-mnist":
-            images, _ = load_fashion_mnist("train")
-            calibration = torch.stack([transform(image[None]) for image in images[:CALIBRATION_IMAGES]])
-        else:
-            train_set = ImageDataset.from_folder(Path(data), "train", transform, classes=loaded.classes)
-            samples = (train_set[SampleKey(0, i)] for i in range(min(len(train_set), 2 * CALIBRATION_IMAGES)))
-            calibration = torch.stack([sample[0] for sample in samples if sample is not None][:CALIBRATION_IMAGES])
+    calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None
     return deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
 
 

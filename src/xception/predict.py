@@ -81,6 +81,20 @@ def deploy_loaded(loaded: LoadedModel, precision: str, calibration: torch.Tensor
     return dataclasses.replace(loaded, model=model)
 
 
+def calibration_images(loaded: LoadedModel, data: str, count: int = 512) -> torch.Tensor:
+    """The first ``count`` readable *training* images of ``data`` (``fashion-mnist`` or an ImageNet-layout folder),
+    preprocessed as for evaluation: int8 calibration never sees the images it is evaluated on."""
+    from .data import ImageDataset, SampleKey, load_fashion_mnist
+
+    transform = loaded.transform()
+    if data == "fashion-mnist":
+        images, _ = load_fashion_mnist("train")
+        return torch.stack([transform(image[None]) for image in images[:count]])
+    train_set = ImageDataset.from_folder(Path(data), "train", transform, classes=loaded.classes)
+    samples = (train_set[SampleKey(0, i)] for i in range(min(len(train_set), 2 * count)))
+    return torch.stack([sample[0] for sample in samples if sample is not None][:count])
+
+
 def load_images(loaded: LoadedModel, files: Iterable[str | Path], limit: int) -> torch.Tensor:
     """Up to ``limit`` readable images among ``files``, preprocessed for ``loaded`` (unreadable ones skipped)."""
     transform = loaded.transform()
