@@ -1,0 +1,44 @@
+"""The recipes' learning-rate schedules are the sources' (the paper's section 4.3, and this project's compact one)."""
+
+import math
+
+import pytest
+
+from xception.recipes import RECIPES, get_recipe
+
+
+def test_imagenet_paper_decays_by_0_94_every_two_epochs_and_scales_with_the_batch():
+    recipe = get_recipe("imagenet-paper")
+    assert (recipe.optimizer, recipe.momentum, recipe.weight_decay, recipe.drop_rate) == ("sgd", 0.9, 1e-5, 0.5)
+    steps_per_epoch, batch = 100, 32
+    assert recipe.learning_rate(0, steps_per_epoch, batch, 10_000) == pytest.approx(0.045)
+    assert recipe.learning_rate(199, steps_per_epoch, batch, 10_000) == pytest.approx(0.045)
+    assert recipe.learning_rate(200, steps_per_epoch, batch, 10_000) == pytest.approx(0.045 * 0.94)
+    assert recipe.learning_rate(0, steps_per_epoch, 64, 10_000) == pytest.approx(0.09)  # linear batch scaling
+
+
+def test_jft_paper_decays_by_0_9_every_three_million_samples():
+    recipe = get_recipe("jft-paper")
+    assert (recipe.optimizer, recipe.lr, recipe.drop_rate) == ("rmsprop", 0.001, 0.0)
+    step = 3_000_000 // 32
+    assert recipe.learning_rate(step - 1, 1000, 32, 10**6) == pytest.approx(0.001)
+    assert recipe.learning_rate(step, 1000, 32, 10**6) == pytest.approx(0.001 * 0.9)
+
+
+def test_compact_warms_up_then_follows_a_cosine_to_zero():
+    recipe = get_recipe("compact")
+    steps_per_epoch, total = 100, 900
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    assert recipe.learning_rate(0, steps_per_epoch, 128, total) == pytest.approx(0.1 / warmup)
+    middle = warmup + (total - warmup) // 2
+    assert recipe.learning_rate(middle, steps_per_epoch, 128, total) == pytest.approx(
+        0.1 * 0.5 * (1 + math.cos(math.pi * (middle - warmup) / (total - warmup))))
+    assert recipe.learning_rate(total, steps_per_epoch, 128, total) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.precision == "bf16"
+
+
+def test_overrides_and_unknown_names():
+    assert get_recipe("compact", epochs=3, lr=None).epochs == 3
+    with pytest.raises(ValueError, match="available"):
+        get_recipe("nope")
+    assert set(RECIPES) == {"imagenet-paper", "jft-paper", "compact"}
