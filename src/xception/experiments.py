@@ -471,7 +471,9 @@ CAVEATS = {
                 "and one segment count applies to every separable convolution; the paper only describes the "
                 "spectrum and never trained its intermediate points.",
     "order": "With BatchNorm after every separable convolution and no activation between its two halves, the orders "
-             "differ mainly at block boundaries, which is the paper's own argument for expecting little difference.",
+             "differ mainly at block boundaries, which is the paper's own argument for expecting little difference. "
+             "Pointwise first has 1.4% more parameters (its depthwise filters run on a layer's output channels, which "
+             "outnumber the input channels where a layer widens the network); the widths are not rematched.",
     "inception": "The Inception network here is this project's width-scaled design (Inception V3's module types, 1-2-1 "
                  "modules), not Inception V3; both train with the compact recipe, tuned for Xception, whereas the "
                  "paper tuned its recipe for Inception V3. The full-size speeds come from a few training steps at "
