@@ -9,6 +9,7 @@ the tolerance). The weights go through files, as users get them: a ``.pth`` stat
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def test_output_stride_matches_timm(reference: Reference, output_stride: int) ->
     ("xception71", "8eec7df1", 170_295_556, 79.88, 94.93),
 ])
 def test_registered_weights_metadata(model: str, digest: str, num_bytes: int, top1: float, top5: float) -> None:
-    assert xception.list_weights(model) == ["tf_in1k"]
+    assert "tf_in1k" in xception.list_weights(model)
     assert f"{model}.tf_in1k" in xception.list_weights()
     registered = xception.get_weights(model, "tf_in1k")
     filename = f"tf_xception_{model.removeprefix('xception')}-{digest}.pth"
@@ -169,13 +170,23 @@ def test_registered_weights_metadata(model: str, digest: str, num_bytes: int, to
     assert registered.transform_config["crop_size"] == 299
 
 
+@pytest.mark.parametrize(("model", "top1"), [("xception65", 83.19), ("xception41p", 81.98), ("xception65p", 83.16)])
+def test_registered_ra3_weights_metadata(model: str, top1: float) -> None:
+    registered = xception.get_weights(model, "ra3_in1k")
+    assert registered.file == hub.HubFile(f"timm/{model}.ra3_in1k")  # pinned by the hub's listing, on first use
+    assert registered.file.url == f"https://huggingface.co/timm/{model}.ra3_in1k/resolve/main/model.safetensors"
+    assert registered.notop_file is None and registered.num_classes == 1000
+    assert registered.meta["metrics"] == {"ImageNet-1k": {"top1": top1}}
+    assert len(registered.categories) == 1000
+    assert registered.transform_config["resize_size"] == 318 and registered.transform_config["crop_size"] == 299
+
+
 def test_unknown_weights_name_lists_the_registered_ones() -> None:
     with pytest.raises(ValueError, match=r"no weights named 'imagenet' for model 'xception41'; registered: tf_in1k"):
         xception.create_model("xception41", weights="imagenet")
-    for model in ("xception65", "xception71"):
-        with pytest.raises(ValueError, match=r"registered: tf_in1k"):
-            xception.get_weights(model, "in21k")
-    with pytest.raises(ValueError, match=r"registered: none"):
+    with pytest.raises(ValueError, match=r"registered: ra3_in1k, tf_in1k"):
+        xception.get_weights("xception65", "in21k")
+    with pytest.raises(ValueError, match=r"registered: ra3_in1k; or pass"):
         xception.create_model("xception41p", weights="tf_in1k")
 
 
@@ -250,6 +261,30 @@ def test_registry_is_restored() -> None:
     """Runs after the download tests (pytest keeps file order): their registry patches must not leak."""
     file = xception.get_weights("xception41", "tf_in1k").file
     assert file.sha256_prefix == "e6439c97" and file.urls == (TIMM_RELEASES + file.filename,)
+
+
+def test_hub_weights_download_pinned_by_the_listing_and_load(tmp_path: Path, torch_home: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """xception41p.ra3_in1k end to end against a local stand-in for the hub: a timm checkpoint (random,
+    calibrated, not the real weights) as safetensors, with the hub's listing of its size and SHA-256."""
+    theirs = calibrated_timm("xception41p", seed=101)
+    repo = "timm/xception41p.ra3_in1k"
+    served = tmp_path / repo / "resolve" / "main" / "model.safetensors"
+    served.parent.mkdir(parents=True)
+    save_file(snapshot(theirs), str(served))
+    tree = tmp_path / "api" / "models" / repo / "tree" / "main"
+    tree.parent.mkdir(parents=True)
+    tree.write_text(json.dumps([{"path": "model.safetensors", "lfs": {"oid": hub.digests(served)[1],
+                                                                     "size": served.stat().st_size}}]))
+    with serve_directory(tmp_path) as server:
+        registered = xception.get_weights("xception41p", "ra3_in1k")
+        patched = dataclasses.replace(registered, file=dataclasses.replace(registered.file, endpoint=server.base_url))
+        monkeypatch.setitem(weights_module._REGISTRY, ("xception41p", "ra3_in1k"), patched)
+        ours = xception.create_model("xception41p", weights="ra3_in1k").eval()
+        assert server.requests == [f"/api/models/{repo}/tree/main", f"/{repo}/resolve/main/model.safetensors"]
+    assert (torch_home / f"{patched.file.filename}.pin.json").is_file()
+    x = images((64, 64))
+    assert relative_error(logits(ours, x), logits(theirs, x)) <= TOLERANCE
 
 
 # --- in_chans adaptation of registered weights ----------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import socket
 from collections.abc import Iterator
@@ -216,3 +217,88 @@ def test_weight_file_rejects_declaration_typos() -> None:
         WeightFile(FILENAME, "https://example.invalid/w", "0" * 32, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="urls"):
         WeightFile(FILENAME, (), "0" * 32, 1)
+
+
+# --- files on the Hugging Face Hub: pinned by the size and SHA-256 the hub lists --------------------------
+
+REPO = "timm/xception65p.ra3_in1k"
+
+
+def publish_on_hub(server: Server, data: bytes, listing: object | None = None) -> hub.HubFile:
+    """Lay ``data`` out as the hub does (the file under ``REPO/resolve/main/``, the listing under ``api/``) and
+    return a HubFile pointing at the server. The listing defaults to the true size and SHA-256 of ``data``."""
+    if listing is None:
+        listing = [{"type": "file", "path": ".gitattributes", "size": 10},
+                   {"type": "file", "path": "model.safetensors", "size": len(data),
+                    "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 135}}]
+    file = server.root / REPO / "resolve" / "main" / "model.safetensors"
+    file.parent.mkdir(parents=True)
+    file.write_bytes(data)
+    tree = server.root / "api" / "models" / REPO / "tree" / "main"
+    tree.parent.mkdir(parents=True)
+    tree.write_text(json.dumps(listing))
+    return hub.HubFile(REPO, endpoint=server.base_url)
+
+
+def test_hub_file_is_checked_against_the_published_sha256_and_recorded(
+    server: Server, payload: bytes, dead_url: str, tmp_path: Path
+) -> None:
+    file = publish_on_hub(server, payload)
+    cache = tmp_path / "cache"
+    path = hub.fetch(file, directory=cache, progress=False)
+    assert path == cache / "timm--xception65p.ra3_in1k--model.safetensors"
+    assert path.read_bytes() == payload
+    assert server.requests == [f"/api/models/{REPO}/tree/main", f"/{REPO}/resolve/main/model.safetensors"]
+    record = json.loads((cache / f"{path.name}.pin.json").read_text())
+    assert record["sha256"] == hashlib.sha256(payload).hexdigest() and record["num_bytes"] == len(payload)
+
+    offline = hub.HubFile(REPO, endpoint=dead_url.rsplit("/", 1)[0])  # the record is enough now
+    assert hub.fetch(offline, directory=cache, progress=False) == path
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))  # corrupted in the cache: refused, and kept
+    with pytest.raises(WeightsUnavailableError, match="expected sha256"):
+        hub.fetch(offline, directory=cache, progress=False)
+    assert path.exists()
+
+
+def test_hub_download_that_differs_from_the_listing_is_refused(
+    server: Server, payload: bytes, tmp_path: Path
+) -> None:
+    other = hashlib.sha256(b"another file").hexdigest()
+    file = publish_on_hub(server, payload, listing=[
+        {"path": "model.safetensors", "lfs": {"oid": other, "size": len(payload)}}])
+    cache = tmp_path / "cache"
+    with pytest.raises(WeightsUnavailableError, match=f"checksum mismatch: expected sha256 starting {other}"):
+        hub.fetch(file, directory=cache, progress=False)
+    assert not (cache / file.filename).exists() and part_files(cache) == []
+
+
+@pytest.mark.parametrize("listing", [
+    [{"path": "model.safetensors", "size": 300_000}],  # not stored in LFS: no SHA-256 listed
+    [{"path": "pytorch_model.bin", "lfs": {"oid": "0" * 64, "size": 1}}],  # the file is not in the listing
+    {"error": "Repository not found"},
+], ids=["no_lfs_entry", "file_not_listed", "not_a_listing"])
+def test_hub_file_without_a_published_checksum_is_not_downloaded(
+    listing: object, server: Server, payload: bytes, tmp_path: Path
+) -> None:
+    file = publish_on_hub(server, payload, listing=listing)
+    with pytest.raises(WeightsUnavailableError, match=r"publishes no SHA-256 and size .* weights=<path>"):
+        hub.fetch(file, directory=tmp_path / "cache", progress=False)
+    assert server.requests == [f"/api/models/{REPO}/tree/main"]
+    assert not (tmp_path / "cache").exists()  # no record of a checksum that was never published
+
+
+def test_hub_offline_error_says_how_to_load_by_hand(dead_url: str, tmp_path: Path) -> None:
+    file = hub.HubFile(REPO, endpoint=dead_url.rsplit("/", 1)[0])
+    with pytest.raises(WeightsUnavailableError) as info:
+        hub.fetch(file, directory=tmp_path, progress=False)
+    message = str(info.value)
+    assert file.listing_url in message and file.url in message and "weights=<path>" in message
+    assert "Connection refused" in message or "ConnectionRefused" in message
+
+
+def test_unreadable_hub_record_is_reported(tmp_path: Path) -> None:
+    file = hub.HubFile(REPO, endpoint="http://127.0.0.1:9")  # never asked: the record is read first
+    (tmp_path / f"{file.filename}.pin.json").write_text("{not json")
+    with pytest.raises(WeightsUnavailableError, match="delete it to read them from the hub again"):
+        hub.fetch(file, directory=tmp_path, progress=False)
+

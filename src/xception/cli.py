@@ -69,8 +69,8 @@ def model_table(img_size: int = 299) -> str:
         for weights_name in list_weights(name):
             registered = get_weights(name, weights_name)
             metrics = registered.meta["metrics"]["ImageNet-1k"]
-            weights.append(f"`{weights_name}`: {registered.meta['source']}, "
-                           f"top-1 {metrics['top1']} / top-5 {metrics['top5']}")
+            top5 = f" / top-5 {metrics['top5']}" if "top5" in metrics else ""
+            weights.append(f"`{weights_name}`: {registered.meta['source']}, top-1 {metrics['top1']}{top5}")
         lines.append(f"| `{name}` | {summary.total_params:,} | {summary.total_macs / 1e9:.2f} | {channels} | "
                      f"{strides} | {'; '.join(weights) or '-'} |")
     return "\n".join(lines)

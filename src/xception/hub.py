@@ -5,12 +5,17 @@ truncated or swapped checkpoint can load without complaint into a model that the
 file is pinned by its exact size and MD5, downloads land in a temporary file beside their destination and are
 renamed into place only once they check out, and when nothing works the error lists why each URL failed and how
 to put the file in place by hand.
+
+Files on the Hugging Face Hub (:class:`HubFile`) have no checksum published anywhere we could pin in advance, but
+the hub publishes each large file's size and SHA-256 (its Git LFS object id) beside it. Those are read once,
+before the download, recorded in the cache beside the file, and then pin the file like any other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import tempfile
@@ -58,7 +63,74 @@ class WeightFile:
         return None
 
     def pin(self) -> str:
-        return f"MD5 {self.md5}" if self.md5 is not None else f"SHA-256 starting {self.sha256_prefix}"
+        if self.md5 is not None:
+            return f"MD5 {self.md5}"
+        return f"SHA-256 {'' if len(self.sha256_prefix or '') == 64 else 'starting '}{self.sha256_prefix}"
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hugging Face Hub model repository, pinned by the size and SHA-256 the hub publishes for it.
+
+    The first :func:`fetch` reads them from the hub's file listing and records them in ``<filename>.pin.json``
+    in the cache, so the download is checked against them and later uses need no network. A file put in the
+    cache by hand without that record cannot be checked: load it with ``weights=<path>`` instead.
+    """
+
+    repo: str  # "timm/xception65p.ra3_in1k"
+    path: str = "model.safetensors"
+    revision: str = "main"
+    endpoint: str = "https://huggingface.co"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.repo.replace('/', '--')}--{self.path.replace('/', '--')}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.endpoint}/{self.repo}/resolve/{self.revision}/{self.path}"
+
+    @property
+    def listing_url(self) -> str:
+        return f"{self.endpoint}/api/models/{self.repo}/tree/{self.revision}"
+
+    def pinned(self, directory: Path) -> WeightFile:
+        """The :class:`WeightFile` with the published size and SHA-256: from the record in ``directory`` if there
+        is one, else from the hub (then recorded)."""
+        record = directory / f"{self.filename}.pin.json"
+        if not record.exists():
+            published = self._published_pin()
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = record.with_name(record.name + ".tmp")
+            temporary.write_text(json.dumps(published, indent=2) + "\n")
+            os.replace(temporary, record)
+        try:
+            pin = json.loads(record.read_text())
+            return WeightFile(self.filename, (self.url,), md5=None, num_bytes=pin["num_bytes"],
+                              sha256_prefix=pin["sha256"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise WeightsUnavailableError(f"{record} is not a readable record of {self.filename}'s size and SHA-256 "
+                                          f"({error}); delete it to read them from the hub again") from error
+
+    def _published_pin(self) -> dict[str, object]:
+        try:
+            request = urllib.request.Request(self.listing_url, headers={"User-Agent": "xception"})
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+                listing = json.load(response)
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise WeightsUnavailableError(
+                f"could not read the size and SHA-256 that the hub publishes for {self.repo}/{self.path} from "
+                f"{self.listing_url}: {_reason(error)}. Download {self.url} yourself and pass its path as "
+                "weights=<path> (the file is then checked against the model, not against a checksum)."
+            ) from error
+        entry = next((item for item in listing if isinstance(item, dict) and item.get("path") == self.path), None)
+        lfs = (entry or {}).get("lfs") or {}
+        sha256, num_bytes = lfs.get("oid"), lfs.get("size")
+        if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256) and isinstance(num_bytes, int)):
+            raise WeightsUnavailableError(
+                f"the hub's listing {self.listing_url} publishes no SHA-256 and size for {self.path}, so the "
+                "download could not be checked; download it yourself and pass its path as weights=<path>")
+        return {"url": self.url, "sha256": sha256, "num_bytes": num_bytes}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -108,13 +180,16 @@ def verify_file(path: Path, file: WeightFile) -> None:
     )
 
 
-def fetch(file: WeightFile, *, directory: Path | None = None, progress: bool = True) -> Path:
+def fetch(file: WeightFile | HubFile, *, directory: Path | None = None, progress: bool = True) -> Path:
     """Path to a verified copy of ``file`` in ``directory`` (default :func:`cache_dir`), downloaded on first use.
 
     URLs are tried in order so that mirrors cover for a dead primary; the error when all fail says why each one
     failed and how to place the file by hand, which is the usual way on machines without internet.
     """
-    target = Path(directory if directory is not None else cache_dir()) / file.filename
+    directory = Path(directory if directory is not None else cache_dir())
+    if isinstance(file, HubFile):
+        file = file.pinned(directory)
+    target = directory / file.filename
     if target.exists():
         verify_file(target, file)
         return target

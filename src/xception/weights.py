@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .convert import WeightFileError, read_weights
-from .hub import WeightFile, fetch
+from .hub import HubFile, WeightFile, fetch
 from .transforms import ClassificationTransform
 
 
@@ -38,8 +38,8 @@ class Weights:
 
     model: str
     name: str
-    file: WeightFile  # with the classifier
-    notop_file: WeightFile | None  # the same weights without the classifier, where published
+    file: WeightFile | HubFile  # with the classifier
+    notop_file: WeightFile | HubFile | None  # the same weights without the classifier, where published
     num_classes: int
     meta: dict[str, Any] = field(default_factory=dict)
     transform_config: dict[str, Any] = field(default_factory=dict)
@@ -52,7 +52,7 @@ class Weights:
     def categories(self) -> tuple[str, ...]:
         return imagenet_categories() if self.meta.get("categories") == "imagenet" else ()
 
-    def file_for(self, num_classes: int) -> WeightFile:
+    def file_for(self, num_classes: int) -> WeightFile | HubFile:
         """The file to load into a model with ``num_classes`` outputs: the one without the classifier
         unless the model's classifier is the one the weights were trained with."""
         if num_classes == self.num_classes or self.notop_file is None:
@@ -124,6 +124,27 @@ for _model, _digest, _size, _top1, _top5 in [
             "license": "Apache-2.0",
         },
         transform_config={"resize_size": 331, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
+                          "std": (0.5,) * 3},
+    ))
+
+
+# timm's own ImageNet training of the aligned models (its "ra3" recipe), published only on the Hugging Face Hub:
+# pinned by the size and SHA-256 the hub lists for each file (see HubFile). Top-1 as timm reports it.
+for _model, _top1 in [("xception65", 83.19), ("xception41p", 81.98), ("xception65p", 83.16)]:
+    register_weights(Weights(
+        model=_model,
+        name="ra3_in1k",
+        file=HubFile(f"timm/{_model}.ra3_in1k"),
+        notop_file=None,
+        num_classes=1000,
+        meta={
+            "categories": "imagenet",
+            "metrics": {"ImageNet-1k": {"top1": _top1}},
+            "source": "timm's ImageNet-1k training (RandAugment recipe 'ra3'), from the Hugging Face Hub",
+            "license": "Apache-2.0",
+        },
+        # timm evaluates these at crop_pct 0.94: resize the shorter side to 299 / 0.94 = 318, crop 299.
+        transform_config={"resize_size": 318, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
                           "std": (0.5,) * 3},
     ))
 
