@@ -11,7 +11,7 @@ import torch
 from conftest import calibrate_batch_norm, relative_error
 from torch import nn
 
-from xception import create_model
+from xception import SeparableConv2d, create_model
 from xception.cli import main
 from xception.deploy import DeployedModel, check_onnx, export_onnx, fold_batchnorm, optimize_for_inference
 from xception.weights import save_weights
@@ -126,6 +126,12 @@ def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
     graph = deployed.module._orig_mod.graph  # the compiled PT2E module: real int8 quantize ops, not fake-quant
     quantize_ops = [node for node in graph.nodes if "quantize_per_tensor" in str(node.target)]
     assert quantize_ops
+    # Every convolution runs on int8 weights, the depthwise ones (Conv2dSame, which the quantizer does not
+    # recognise by itself) included.
+    convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+    depthwise = [node for node in convolutions if len(node.args) > 6 and node.args[6] != 1]
+    assert len(depthwise) == sum(isinstance(m, SeparableConv2d) for m in model.modules()) > 0
+    assert all("dequantize_per_channel" in str(node.args[1].target) for node in convolutions)
     x = torch.rand(6, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         expected = model(x)

@@ -63,14 +63,14 @@ class Conv2dSame(nn.Conv2d):
 class MaxPool2dSame(nn.Module):
     """Max-pooling with TensorFlow's 'same' padding.
 
-    TensorFlow pads with -inf, ``floor(total / 2)`` before and the rest after. PyTorch pads
-    symmetrically, but with a stride above 1 ``ceil_mode=True`` lets a last window run off the end,
-    which is exactly one extra -inf element after: so padding ``before`` on both sides with
-    ``ceil_mode`` reproduces TensorFlow without copying the input. At stride 1 ``ceil_mode`` adds no
-    window, so an odd total padding (an even kernel) is padded explicitly.
+    TensorFlow pads with -inf, ``floor(total / 2)`` before and the rest after. Where that is symmetric
+    (odd sizes, for a 3x3 window at stride 2) it is PyTorch's own padding. Where it is not, with a stride
+    above 1 ``ceil_mode=True`` lets a last window run off the end, which is exactly one extra -inf element
+    after: so padding ``before`` on both sides with ``ceil_mode`` reproduces TensorFlow without copying the
+    input. At stride 1 ``ceil_mode`` adds no window, so an odd total padding is padded explicitly.
 
-    ``explicit_padding = True`` always pads explicitly (a copy of the input): Inductor's int8 lowering
-    mishandles the ``ceil_mode`` window, so the int8 deploy path sets it.
+    ``explicit_padding = True`` pads explicitly instead of using ``ceil_mode`` (a copy of the input):
+    Inductor's int8 lowering mishandles the ``ceil_mode`` window, so the int8 deploy path sets it.
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
@@ -82,7 +82,9 @@ class MaxPool2dSame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
         left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if self.explicit_padding or (self.stride == 1 and (bottom != top or right != left)):
+        if bottom == top and right == left:
+            return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left))
+        if self.explicit_padding or self.stride == 1:
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
             return F.max_pool2d(x, self.kernel_size, self.stride)
         return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
