@@ -64,7 +64,7 @@ def test_config_rejects_bad_values(options: dict) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"deploy": ("fp16",)}, "deploy precisions"), ({"deploy": ("bf16",), "mode": "train"}, "inference mode only"),
+    ({"deploy": ("fp16",)}, "deploy candidates"), ({"deploy": ("int8+compile",)}, "deploy candidates"), ({"deploy": ("bf16",), "mode": "train"}, "inference mode only"),
     ({"deploy": ("int8",), "device": "cuda"}, "int8 deploy runs on the CPU")])
 def test_config_rejects_bad_deploy_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -222,13 +222,15 @@ def test_compare_with_timm_and_keras() -> None:
 
 
 def test_compare_times_the_deployed_model_beside_the_eager_one() -> None:
-    config = dataclasses.replace(CONFIG, batch_size=1, warmup=1, repeats=1, iterations=1, deploy=("fp32", "bf16"))
+    config = dataclasses.replace(CONFIG, batch_size=1, warmup=1, repeats=1, iterations=1,
+                                 deploy=("fp32", "bf16+compile"))
     eager, fp32, bf16 = compare(config, peers=())
     for result in (eager, fp32, bf16):
         check_measured(result)
     assert (eager.candidate, eager.precision) == ("xception", "fp32")
     assert [(r.candidate, r.precision) for r in (fp32, bf16)] == [("xception deploy", "fp32"),
-                                                                  ("xception deploy", "bf16")]
+                                                                  ("xception deploy compiled", "bf16")]
+    assert fp32.compile_s is None and bf16.compile_s > 0  # compiled before timing, and the cost reported
     assert fp32.params == eager.params and fp32.macs == eager.macs  # counted on the model before folding
     assert fp32.ratio_vs_ours == pytest.approx(fp32.images_per_s / eager.images_per_s)
     with pytest.raises(ValueError, match="compare"):

@@ -76,7 +76,8 @@ Mode = Literal["inference", "train"]
 Device = Literal["cpu", "cuda"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
+# Deployed candidates: a precision, "+compile" for torch.compile with frozen weights (int8 always compiles).
+DEPLOY_CANDIDATES = ("fp32", "fp32+compile", "bf16", "bf16+compile", "int8")
 MODES = ("inference", "train")
 DEVICES = ("cpu", "cuda")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,12 +108,10 @@ class BenchmarkConfig:
     min_run_time: float = 0.0  # minimum seconds per timed run
     device: Device = "cpu"
     num_threads: int | None = None  # torch intra-op threads during the benchmark; None keeps the current setting
-    # compare() also times ours as xception.optimize_for_inference makes it at each of these precisions (inference
-    # only), beside the eager candidates: BN folded, layout by measurement, bf16 weights or int8 (calibrated on
-    # random images: speed does not depend on the calibration). int8 is always compiled, the others when
-    # deploy_compile is set.
+    # compare() also times ours as xception.optimize_for_inference makes it, for each of these DEPLOY_CANDIDATES
+    # (inference only), beside the eager candidates: BN folded, layout by measurement, bf16 weights or int8
+    # (calibrated on random images: speed does not depend on the calibration), compiled where "+compile" says so.
     deploy: tuple[str, ...] = ()
-    deploy_compile: bool = False
 
     def __post_init__(self) -> None:
         size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
@@ -123,8 +122,8 @@ class BenchmarkConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         object.__setattr__(self, "deploy", tuple(self.deploy))
-        if any(precision not in DEPLOY_PRECISIONS for precision in self.deploy):
-            raise ValueError(f"deploy precisions must be among {DEPLOY_PRECISIONS}, got {self.deploy}")
+        if any(candidate not in DEPLOY_CANDIDATES for candidate in self.deploy):
+            raise ValueError(f"deploy candidates must be among {DEPLOY_CANDIDATES}, got {self.deploy}")
         if self.deploy and self.mode != "inference":
             raise ValueError("deploy candidates are timed in inference mode only")
         if "int8" in self.deploy and self.device != "cpu":
@@ -397,9 +396,10 @@ def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, c
                      params=params, macs=macs, compiled=config.compile)
 
 
-def deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, precision: str) -> Candidate:
-    """Ours as :func:`xception.deploy.optimize_for_inference` makes it at ``precision``, fed the same contiguous
-    NCHW float batch as the eager candidates (its own cast and layout change are part of its time)."""
+def deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, candidate: str) -> Candidate:
+    """Ours as :func:`xception.deploy.optimize_for_inference` makes it for ``candidate`` (a precision, with
+    "+compile" to compile), fed the same contiguous NCHW float batch as the eager candidates (its own cast and
+    layout change are part of its time)."""
     from .deploy import optimize_for_inference
 
     height, width = config.img_size
@@ -407,13 +407,14 @@ def deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, pr
     module.to(config.device).eval()
     params, macs = _count(module, (height, width), in_chans)
     x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    precision, _, compile = candidate.partition("+")
     calibration = [torch.randn_like(x) for _ in range(4)] if precision == "int8" else None
-    deployed = optimize_for_inference(module, precision, calibration, example_input=x,
-                                      compile=config.deploy_compile)
-    return Candidate(f"{name} deploy", "channels_last" if deployed.channels_last else "contiguous",
-                     lambda: deployed(x), (height, width), params=params, macs=macs,
-                     compiled="compile_s" in deployed.report, precision=precision,
-                     compile_s=deployed.report.get("compile_s"))
+    deployed = optimize_for_inference(module, precision, calibration, example_input=x, compile=bool(compile))
+    compiled = "compile_s" in deployed.report
+    return Candidate(f"{name} deploy{' compiled' if compiled else ''}",
+                     "channels_last" if deployed.channels_last else "contiguous",
+                     lambda: deployed(x), (height, width), params=params, macs=macs, compiled=compiled,
+                     precision=precision, compile_s=deployed.report.get("compile_s"))
 
 
 def _count(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
@@ -537,7 +538,7 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
         model = create_model(config.model, **config.model_options)
         # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
         groups: list[list[Candidate] | Result] = [
-            [deployed_candidate(config.model, model, config, precision)] for precision in config.deploy]
+            [deployed_candidate(config.model, model, config, candidate)] for candidate in config.deploy]
         groups.insert(0, [module_candidate(config.model, model, config)])
         for peer in peers:
             try:

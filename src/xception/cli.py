@@ -107,8 +107,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
         model=args.model, model_options=parse_options(args.set), batch_size=args.batch_size, img_size=args.img_size,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile, mode=args.mode,
         warmup=args.warmup, repeats=args.repeats, iterations=args.iterations, device=args.device,
-        num_threads=args.threads, deploy=tuple(p for p in args.deploy.split(",") if p),
-        deploy_compile=args.deploy_compile)
+        num_threads=args.threads, deploy=tuple(p for p in args.deploy.split(",") if p))
     limits = benchmark.machine_limits(device=args.device, num_threads=args.threads) if args.limits else None
     if args.compare or config.deploy:
         peers = tuple(p for p in args.peers.split(",") if p) if args.compare else ()
@@ -366,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--img-size", type=int, default=299)
     bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="autocast precision of the eager candidates")
-    bench.add_argument("--deploy", default="", metavar="PRECISIONS",
-                       help="also time ours as optimize_for_inference makes it at these precisions, e.g. "
-                            "fp32,bf16,int8 (inference only)")
-    bench.add_argument("--deploy-compile", action="store_true", help="compile the fp32/bf16 deploy candidates")
+    bench.add_argument("--deploy", default="", metavar="CANDIDATES",
+                       help="also time ours as optimize_for_inference makes it, for each of these comma-separated "
+                            "candidates: fp32, bf16, int8 (always compiled), fp32+compile, bf16+compile "
+                            "(inference only)")
     bench.add_argument("--channels-last", action="store_true")
     bench.add_argument("--compile", action="store_true", help="torch.compile (compile time is reported)")
     bench.add_argument("--mode", choices=("inference", "train"), default="inference")
