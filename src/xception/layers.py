@@ -69,8 +69,10 @@ class MaxPool2dSame(nn.Module):
     after: so padding ``before`` on both sides with ``ceil_mode`` reproduces TensorFlow without copying the
     input. At stride 1 ``ceil_mode`` adds no window, so an odd total padding is padded explicitly.
 
-    ``explicit_padding = True`` pads explicitly instead of using ``ceil_mode`` (a copy of the input):
-    Inductor's int8 lowering mishandles the ``ceil_mode`` window, so the int8 deploy path sets it.
+    ``explicit_padding = True`` avoids ``ceil_mode``, which Inductor's int8 lowering mishandles (the int8
+    deploy path sets it): an odd window is pooled at stride 1 with symmetric padding and every ``stride``-th
+    window kept, which are exactly TensorFlow's (a padded element is one a window at stride 1 also sees as
+    padding); an even window is padded explicitly with -inf (a copy of the input, which int8 cannot hold).
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
@@ -84,6 +86,11 @@ class MaxPool2dSame(nn.Module):
         left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
         if bottom == top and right == left:
             return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left))
+        if self.explicit_padding and self.kernel_size % 2 == 1:
+            half = self.kernel_size // 2  # >= the padding on either side, for TensorFlow's 'same'
+            height, width = -(-x.shape[-2] // self.stride), -(-x.shape[-1] // self.stride)
+            pooled = F.max_pool2d(x, self.kernel_size, 1, padding=half)
+            return pooled[..., half - top::self.stride, half - left::self.stride][..., :height, :width]
         if self.explicit_padding or self.stride == 1:
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
             return F.max_pool2d(x, self.kernel_size, self.stride)
