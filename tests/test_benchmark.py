@@ -64,7 +64,8 @@ def test_config_rejects_bad_values(options: dict) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"deploy": ("fp16",)}, "deploy candidates"), ({"deploy": ("int8+compile",)}, "deploy candidates"), ({"deploy": ("bf16",), "mode": "train"}, "inference mode only"),
+    ({"deploy": ("fp16",)}, "deploy candidates"), ({"deploy": ("int8+compile",)}, "deploy candidates"),
+    ({"deploy": ("bf16",), "mode": "train"}, "inference mode only"),
     ({"deploy": ("int8",), "device": "cuda"}, "int8 deploy runs on the CPU")])
 def test_config_rejects_bad_deploy_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -285,6 +286,7 @@ def test_machine_limits_with_a_small_matrix() -> None:
     assert (limits["device"], limits["size"]) == ("cpu", 128)
     assert limits["fp32_gflops"] > 0
     assert limits["bf16_gflops"] > 0
+    assert limits["int8_gflops"] > 0
 
 
 def result(**fields) -> Result:

@@ -581,7 +581,8 @@ def _skipped_result(peer: str, config: BenchmarkConfig, reason: str) -> Result:
 def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
                    num_threads: int | None = None) -> dict[str, Any]:
     """Best-of-``repeats`` GFLOP/s of a ``size`` x ``size`` matmul per precision: the compute a network could
-    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` (fp32, bf16, and fp16 on CUDA).
+    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` (fp32, bf16; fp16 on CUDA; int8 on
+    the CPU, as ``torch._int_mm``'s int8 x int8 -> int32 operations per second).
 
     Dense matmul is the most efficient kernel there is; a depthwise separable network moves far more bytes per
     FLOP, so a fraction well below 1 is expected, and the fraction is for comparing runs, not a target.
@@ -590,19 +591,25 @@ def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
     """
     _check_device(device)
     sync = _synchronizer(device)
-    precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16")
-    dtypes = {"fp32": torch.float32, **AUTOCAST_DTYPES}
+    precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16", "int8")
+    dtypes = {"fp32": torch.float32, "int8": torch.int8, **AUTOCAST_DTYPES}
     limits: dict[str, Any] = {"device": device, "size": size}
     with _num_threads(num_threads):
         for precision in precisions:
-            a = torch.randn(size, size, device=device, dtype=dtypes[precision])
-            b = torch.randn(size, size, device=device, dtype=dtypes[precision])
-            out = torch.mm(a, b)  # warm-up: library initialisation and kernel selection
+            if precision == "int8":
+                a = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
+                b = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
+                multiply = torch._int_mm  # oneDNN's int8 GEMM, the kernel family int8 convolutions use
+            else:
+                a = torch.randn(size, size, device=device, dtype=dtypes[precision])
+                b = torch.randn(size, size, device=device, dtype=dtypes[precision])
+                multiply = torch.mm
+            multiply(a, b)  # warm-up: library initialisation and kernel selection
             sync()
             best = math.inf
             for _ in range(repeats):
                 start = perf_counter()
-                torch.mm(a, b, out=out)
+                multiply(a, b)
                 sync()
                 best = min(best, perf_counter() - start)
             limits[f"{precision}_gflops"] = 2 * size**3 / best / 1e9
