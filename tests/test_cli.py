@@ -87,6 +87,19 @@ def test_summary_unknown_option(capsys) -> None:
     assert "valid options" in err and "middle_repeats" in err and "mid_activation" in err
 
 
+def test_every_command_prints_its_help(capsys) -> None:
+    """argparse formats help strings with %: a stray one breaks --help only when it is asked for."""
+    from xception.cli import build_parser
+
+    commands = next(action.choices for action in build_parser()._actions if action.choices)
+    assert "benchmark" in commands
+    for command in [None, *commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"] if command else ["--help"])
+        assert exit_info.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+
+
 def test_models(capsys) -> None:
     code, out, _ = run(capsys, "models")
     assert code == 0

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     bench.add_argument("--compare", action="store_true", help="also measure the peers, interleaved with ours")
     bench.add_argument("--peers", default="timm,keras,inception_v3", help="comma-separated peers for --compare")
-    bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report % of peak")
+    bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report %% of peak")
     bench.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
     bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     bench.set_defaults(run=command_benchmark)
