@@ -139,6 +139,22 @@ def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
     assert relative_error(actual, expected) <= 0.15
 
 
+@pytest.mark.parametrize(("name", "options"), [("xception41", {}), ("xception", {"output_stride": 16})])
+def test_int8_quantizes_every_convolution_of_the_family(name: str, options: dict, one_thread):
+    """The quantized graph (before compilation) of an aligned model and of a dilated Xception: every convolution
+    takes int8 weights."""
+    pytest.importorskip("torchao")
+    from xception.deploy import _plain_convolutions, _quantize_int8
+
+    model = fold_batchnorm(create_model(name, **options).eval())
+    _plain_convolutions(model)
+    x = torch.rand(1, 3, 72, 72) * 2 - 1  # Xception's smallest input is 71x71; an even size for the pools
+    graph = _quantize_int8(model, x, [x], torch.contiguous_format).graph
+    convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+    assert len(convolutions) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert all("dequantize_per_channel" in str(node.args[1].target) for node in convolutions)
+
+
 def test_bad_arguments_are_refused_clearly():
     model = small_xception()
     with pytest.raises(ValueError, match="precision must be one of"):
