@@ -126,8 +126,8 @@ def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
     graph = deployed.module._orig_mod.graph  # the compiled PT2E module: real int8 quantize ops, not fake-quant
     quantize_ops = [node for node in graph.nodes if "quantize_per_tensor" in str(node.target)]
     assert quantize_ops
-    # Every convolution runs on int8 weights, the depthwise ones (Conv2dSame, which the quantizer does not
-    # recognise by itself) included.
+    # Every convolution runs on int8 weights, the depthwise ones included (the quantizer recognises convolutions
+    # by exact type, so a Conv2dSame would stay in float32).
     convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
     depthwise = [node for node in convolutions if len(node.args) > 6 and node.args[6] != 1]
     assert len(depthwise) == sum(isinstance(m, SeparableConv2d) for m in model.modules()) > 0
@@ -144,10 +144,9 @@ def test_int8_quantizes_every_convolution_of_the_family(name: str, options: dict
     """The quantized graph (before compilation) of an aligned model and of a dilated Xception: every convolution
     takes int8 weights."""
     pytest.importorskip("torchao")
-    from xception.deploy import _plain_convolutions, _quantize_int8
+    from xception.deploy import _quantize_int8
 
     model = fold_batchnorm(create_model(name, **options).eval())
-    _plain_convolutions(model)
     x = torch.rand(1, 3, 72, 72) * 2 - 1  # Xception's smallest input is 71x71; an even size for the pools
     graph = _quantize_int8(model, x, [x], torch.contiguous_format).graph
     convolutions = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]

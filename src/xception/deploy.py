@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d
+from .layers import MaxPool2dSame, SeparableConv2d
 
 log = logging.getLogger("xception.deploy")
 
@@ -221,7 +221,6 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         for pool in module.modules():
             if isinstance(pool, MaxPool2dSame):
                 pool.explicit_padding = True
-        _plain_convolutions(module)
         module = _quantize_int8(module, example, calibration, memory_format)
         report["calibration_images"] = sum(len(batch) for batch in calibration)
         compile = True
@@ -276,20 +275,6 @@ def _faster_layout(module: nn.Module, example: torch.Tensor, repeats: int = 3) -
             best = min(best, time.perf_counter() - start)
         timings[layout] = round(1000 * best, 3)
     return timings["channels_last"] <= timings["contiguous"], timings
-
-
-def _plain_convolutions(module: nn.Module) -> None:
-    """Replace each :class:`Conv2dSame` whose padding is fixed (stride 1: every depthwise convolution of
-    Xception) by the plain ``nn.Conv2d`` it computes, sharing its parameters. The int8 quantizer recognises
-    convolutions by their exact module type, so it would leave a subclass in float32."""
-    for parent in list(module.modules()):
-        for name, child in parent.named_children():
-            if type(child) is Conv2dSame and child.static_padding:
-                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                                  padding=child.padding, dilation=child.dilation, groups=child.groups,
-                                  bias=child.bias is not None, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(parent, name, plain)
 
 
 def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],

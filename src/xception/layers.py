@@ -37,6 +37,26 @@ def tf_same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int 
     return total // 2, total - total // 2
 
 
+def fixed_same_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int | None:
+    """TensorFlow's 'same' padding where it is the same on both sides at every input size (stride 1, odd
+    effective kernel), else None."""
+    effective_kernel = (kernel_size - 1) * dilation + 1
+    return (effective_kernel - 1) // 2 if stride == 1 and effective_kernel % 2 == 1 else None
+
+
+def same_conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                groups: int = 1, bias: bool = True) -> nn.Conv2d:
+    """A convolution with TensorFlow's 'same' padding: a plain ``nn.Conv2d`` where that padding is fixed (every
+    depthwise convolution of Xception), a :class:`Conv2dSame` only where it depends on the input size. Tools that
+    recognise convolutions by their exact type, such as PyTorch's int8 quantizer, then see plain ones."""
+    padding = fixed_same_padding(kernel_size, stride, dilation)
+    if padding is None:
+        return Conv2dSame(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, groups=groups,
+                          bias=bias)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias)
+
+
 class Conv2dSame(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow's 'same' padding, asymmetric where TensorFlow pads asymmetrically.
 
@@ -46,9 +66,9 @@ class Conv2dSame(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  dilation: int = 1, groups: int = 1, bias: bool = True, **factory) -> None:
-        effective_kernel = (kernel_size - 1) * dilation + 1
-        self.static_padding = stride == 1 and effective_kernel % 2 == 1
-        padding = (effective_kernel - 1) // 2 if self.static_padding else 0
+        padding = fixed_same_padding(kernel_size, stride, dilation)
+        self.static_padding = padding is not None
+        padding = padding or 0
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, **factory)
 
@@ -183,8 +203,8 @@ class SeparableConv2d(nn.Module):
 
         spatial_bias = bias and order == "pointwise_first"
         if padding == "same":
-            spatial = Conv2dSame(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
-                                 groups=segments, bias=spatial_bias)
+            spatial = same_conv2d(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
+                                  groups=segments, bias=spatial_bias)
         else:
             spatial = nn.Conv2d(spatial_in, spatial_out, kernel_size, stride=stride, dilation=dilation,
                                 padding=(stride - 1 + dilation * (kernel_size - 1)) // 2, groups=segments,

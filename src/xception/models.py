@@ -26,7 +26,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
-from .layers import MID_OPERATIONS, ORDERS, Conv2dSame, MaxPool2dSame, MidOperation, Order, SeparableConv2d
+from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, Order, SeparableConv2d, same_conv2d
 
 Numerics = Literal["keras", "timm"]
 
@@ -122,7 +122,7 @@ class Stem(nn.Sequential):
 
     def __init__(self, in_chans: int, widths: tuple[int, int], eps: float, momentum: float, stride: int = 2,
                  padding: str = "valid") -> None:
-        conv1 = Conv2dSame(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
+        conv1 = same_conv2d(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
             nn.Conv2d(in_chans, widths[0], 3, stride=stride, bias=False)
         super().__init__(OrderedDict(
             conv1=conv1,
