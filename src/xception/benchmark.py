@@ -592,7 +592,7 @@ def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
     _check_device(device)
     sync = _synchronizer(device)
     precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16", "int8")
-    dtypes = {"fp32": torch.float32, "int8": torch.int8, **AUTOCAST_DTYPES}
+    dtypes = {"fp32": torch.float32, **AUTOCAST_DTYPES}
     limits: dict[str, Any] = {"device": device, "size": size}
     with _num_threads(num_threads):
         for precision in precisions:
