@@ -7,6 +7,7 @@ calibrated on real batch statistics (one training-mode pass with momentum 0) and
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 def random_keras_xception(seed: int = 0, include_top: bool = True) -> keras.Model:
     rng = np.random.default_rng(seed)
     keras.utils.set_random_seed(seed)
-    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
-                                        input_shape=None if include_top else (None, None, 3))
+    model = xception_in_creation_order(weights=None, include_top=include_top, pooling=None if include_top else "avg",
+                                       input_shape=None if include_top else (None, None, 3))
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in norms:
         gamma, beta, mean, var = layer.get_weights()
@@ -61,73 +62,93 @@ def save_keras3_h5(model: keras.Model, path: Path) -> Path:
     return path
 
 
+# Keras 1's spelling of each weight, as the official files carry it (the moving variance was "running_std").
 KERAS1_SUFFIX = {"kernel": "W", "bias": "b", "depthwise_kernel": "depthwise_kernel",
                  "pointwise_kernel": "pointwise_kernel", "gamma": "gamma", "beta": "beta",
                  "moving_mean": "running_mean", "moving_variance": "running_std"}
+KERAS1_CLASS = {"Conv2D": "convolution2d", "SeparableConv2D": "separableconvolution2d",
+                "BatchNormalization": "batchnormalization", "Dense": "dense"}
 
 
-def rewrite_as_keras1(source: Path, path: Path) -> Path:
-    """The layout of the official Keras-1-era files: 'block1_conv1_W:0', '..._bn_running_std:0' (holding the
-    variance), shortcut layers named convolution2d_N / batchnormalization_N and stored after their block's
-    separable convolutions."""
-    with h5py.File(source, "r") as src:
+def xception_in_creation_order(**kwargs) -> keras.Model:
+    """``keras.applications.Xception(**kwargs)``, remembering the order in which its code created each layer:
+    the order that Keras 1 numbered the layers of the official files by. Recorded from Keras itself (every layer
+    passes through ``Layer.__init__``), not assumed."""
+    from keras.src.layers.layer import Layer
+
+    created: list[Layer] = []
+    original = Layer.__init__
+
+    def recording_init(self, *args, **kw):
+        created.append(self)
+        original(self, *args, **kw)
+
+    Layer.__init__ = recording_init
+    try:
+        model = keras.applications.Xception(**kwargs)
+    finally:
+        Layer.__init__ = original
+    position = {id(layer): i for i, layer in enumerate(created)}
+    order = tuple(layer.name for layer in sorted(model.layers, key=lambda layer: position[id(layer)]))
+    object.__setattr__(model, "creation_order", order)  # past Keras's attribute tracking
+    return model
+
+
+def save_official_layout(model: keras.Model, path: Path, first_number: int = 1) -> Path:
+    """The layout of the official 2016 files (xception-facts.md, "The official files"), written from Keras's own
+    legacy writer and then rewritten the way Keras 1 named an unnamed model's layers:
+
+    - every weighted layer renamed by its Keras 1 class and creation rank (``convolution2d_1..6``,
+      ``separableconvolution2d_1..34``, ``batchnormalization_1..40``); the Dense is ``dense_2``, as in the real top
+      file; ``first_number`` shifts every number, since nothing guarantees where Keras 1's counters stood;
+    - the datasets flat in each group (``convolution2d_1_W:0``, ``batchnormalization_1_running_std:0``);
+    - no ``keras_version`` or ``backend`` attribute;
+    - ``layer_names`` in the Keras model's layer order (a block's shortcut after its separable convolutions),
+      which is not the numbering order.
+
+    Evidence for the layout: kazuto1011/pytorch-ported-models ``load_keras_xceptionv1`` reads the real file (same
+    MD5) by exactly these names with a strict ``load_state_dict``; balancap/SSD-Tensorflow and keras-team/keras
+    issues #9683 and #7006 agree."""
+    counters: dict[str, int] = {}
+    renamed: dict[str, str] = {}
+    for name in model.creation_order:
+        layer = model.get_layer(name)
+        if not layer.weights:
+            continue
+        keras1 = KERAS1_CLASS[type(layer).__name__]
+        counters[keras1] = counters.get(keras1, (2 if keras1 == "dense" else 1) + first_number - 1)
+        renamed[name] = f"{keras1}_{counters[keras1]}"
+        counters[keras1] += 1
+    source = io.BytesIO()
+    with h5py.File(source, "w") as written:
+        save_weights_to_hdf5_group(written, model)
+    with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
         names = [n.decode() if isinstance(n, bytes) else n for n in src.attrs["layer_names"]]
-        layers = {name: [(w.decode() if isinstance(w, bytes) else w) for w in src[name].attrs["weight_names"]]
-                  for name in names}
-        renamed: dict[str, str] = {}
-        convs = norms = 0
+        dst.attrs["layer_names"] = [renamed.get(n, n).encode() for n in names]
         for name in names:
-            if name.startswith("conv2d"):
-                convs += 1
-                renamed[name] = f"convolution2d_{convs}"
-            elif name.startswith("batch_normalization"):
-                norms += 1
-                renamed[name] = f"batchnormalization_{norms}"
-            else:
-                renamed[name] = name
-        # Move each shortcut pair after the last layer of its block (just before the next block starts).
-        order: list[str] = []
-        pending: list[str] = []
-        current_block = None
-        for name in names:
-            block = name.split("_")[0] if name.startswith("block") else None
-            if name in renamed and renamed[name] != name:
-                pending.append(name)
-                continue
-            if block is not None and block != current_block:
-                if current_block is not None and current_block != "block1":
-                    order.extend(pending)
-                    pending = []
-                current_block = block
-            order.append(name)
-        order.extend(pending)
-        with h5py.File(path, "w") as dst:
-            dst.attrs["layer_names"] = [renamed[n].encode() for n in order]
-            dst.attrs["keras_version"] = b"1.2.2"
-            dst.attrs["backend"] = b"tensorflow"
-            for name in order:
-                new = renamed[name]
-                group = dst.create_group(new)
-                weight_names = []
-                for weight in layers[name]:
-                    leaf = weight.split("/")[-1].split(":")[0]
-                    new_weight = f"{new}_{KERAS1_SUFFIX[leaf]}:0"
-                    group.create_dataset(new_weight, data=src[name][weight][()])
-                    weight_names.append(new_weight.encode())
-                group.attrs["weight_names"] = weight_names
+            new = renamed.get(name, name)
+            group = dst.create_group(new)
+            weight_names = []
+            for weight in src[name].attrs["weight_names"]:
+                weight = weight.decode() if isinstance(weight, bytes) else weight
+                flat = f"{new}_{KERAS1_SUFFIX[weight.split('/')[-1].split(':')[0]]}:0"
+                group.create_dataset(flat, data=src[name][weight][()])
+                weight_names.append(flat.encode())
+            group.attrs["weight_names"] = weight_names
     return path
 
 
-def random_keras_h5(path: Path, include_top: bool, seed: int) -> Path:
-    """A file written by Keras's own HDF5 writer, with random weights and random (uncalibrated) BN statistics: for
-    tests that compare loads of the same file with each other, not with Keras's outputs (cheaper to make)."""
+def random_keras_h5(path: Path, include_top: bool, seed: int, layout: str = "official") -> Path:
+    """A weight file with random weights and random (uncalibrated) BN statistics, in the official files' layout
+    or as Keras 3's legacy writer leaves it: for tests that compare loads of the same file with each other, not
+    with Keras's outputs (cheaper to make)."""
     rng = np.random.default_rng(seed)
     keras.utils.set_random_seed(seed)
-    model = keras.applications.Xception(weights=None, include_top=include_top, pooling=None if include_top else "avg",
-                                        input_shape=None if include_top else (None, None, 3))
+    model = xception_in_creation_order(weights=None, include_top=include_top, pooling=None if include_top else "avg",
+                                       input_shape=None if include_top else (None, None, 3))
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             shape = layer.get_weights()[0].shape
             layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape), rng.normal(0, 0.2, shape),
                                rng.uniform(0.5, 2.0, shape)])
-    return save_keras3_h5(model, path)
+    return save_official_layout(model, path) if layout == "official" else save_keras3_h5(model, path)

@@ -10,8 +10,8 @@ from keras_reference import (
     keras_features_model,
     keras_logits,
     random_keras_xception,
-    rewrite_as_keras1,
     save_keras3_h5,
+    save_official_layout,
 )
 
 import xception
@@ -28,13 +28,18 @@ def keras_model():
 @pytest.fixture(scope="module")
 def weight_files(keras_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("keras")
-    keras3 = save_keras3_h5(keras_model, folder / "keras3.h5")
-    keras1 = rewrite_as_keras1(keras3, folder / "keras1.h5")
-    return {"keras3": keras3, "keras1": keras1}
+    return {"keras3": save_keras3_h5(keras_model, folder / "keras3.h5"),
+            "official": save_official_layout(keras_model, folder / "official.h5"),
+            # Nothing guarantees where Keras 1's counters stood: the loader must not rely on the numbers.
+            "official_shifted": save_official_layout(keras_model, folder / "shifted.h5", first_number=7)}
 
 
 def images(size: tuple[int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (2, *size, 3)).astype("float32")
+
+
+def text(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def torch_logits(model: torch.nn.Module, nhwc: np.ndarray) -> torch.Tensor:
@@ -42,7 +47,7 @@ def torch_logits(model: torch.nn.Module, nhwc: np.ndarray) -> torch.Tensor:
         return model(torch.from_numpy(nhwc).permute(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("layout", ["keras3", "keras1"])
+@pytest.mark.parametrize("layout", ["keras3", "official", "official_shifted"])
 def test_logits_match_keras(keras_model, weight_files, layout):
     model = xception.create_model("xception", weights=weight_files[layout]).eval()
     for size in SIZES:
@@ -54,15 +59,37 @@ def test_logits_match_keras(keras_model, weight_files, layout):
         assert relative_error(expected[0], expected[1]) > 100 * TOLERANCE
 
 
-def test_keras1_layout_really_differs(weight_files):
+def test_official_layout_fixture_is_what_keras_reads(keras_model, weight_files):
+    """The fixture itself: Keras's own positional loader (how Keras 2/3 read the official files) gets back every
+    weight, so the renaming lost or reordered nothing."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import load_weights_from_hdf5_group
+
+    fresh = random_keras_xception(seed=5)
+    with h5py.File(weight_files["official"], "r") as f:
+        load_weights_from_hdf5_group(f, fresh)
+    for loaded, original in zip(fresh.get_weights(), keras_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(loaded, original)
+
+
+def test_official_layout_is_the_real_files_layout(weight_files):
+    """What the real files look like (xception-facts.md, "The official files"), checked on the fixture."""
     import h5py
 
-    with h5py.File(weight_files["keras1"]) as f:
-        names = [str(n, "utf-8") if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
-        last_bn_weight = f["block1_conv1_bn"].attrs["weight_names"][3]
-    assert last_bn_weight in (b"block1_conv1_bn_running_std:0", "block1_conv1_bn_running_std:0")
-    # Keras 1 stored a block's shortcut after its separable convolutions.
-    assert names.index("convolution2d_1") > names.index("block2_sepconv2_bn")
+    with h5py.File(weight_files["official"], "r") as f:
+        names = [text(n) for n in f.attrs["layer_names"]]
+        weighted = [n for n in names if len(f[n].attrs["weight_names"])]
+        assert "keras_version" not in f.attrs and "backend" not in f.attrs
+        assert sorted(weighted) == sorted([f"convolution2d_{i}" for i in range(1, 7)]
+                                          + [f"separableconvolution2d_{i}" for i in range(1, 35)]
+                                          + [f"batchnormalization_{i}" for i in range(1, 41)] + ["dense_2"])
+        assert list(f["batchnormalization_3"]) == [f"batchnormalization_3_{w}:0" for w in
+                                                   ("beta", "gamma", "running_mean", "running_std")]
+        # Block2's shortcut BN was created third, but Keras lists it after block2's separable convolutions.
+        assert names.index("batchnormalization_3") > names.index("batchnormalization_5")
+        assert f["batchnormalization_3"]["batchnormalization_3_gamma:0"].shape == (128,)
+        assert f["convolution2d_6"]["convolution2d_6_W:0"].shape == (1, 1, 728, 1024)
+        assert f["batchnormalization_36"]["batchnormalization_36_gamma:0"].shape == (1024,)  # block13's shortcut
 
 
 def test_timm_numerics_do_not_match_keras(keras_model, weight_files):
@@ -72,9 +99,11 @@ def test_timm_numerics_do_not_match_keras(keras_model, weight_files):
     assert relative_error(torch_logits(model, x), keras_logits(keras_model, x)) > 100 * TOLERANCE
 
 
-def test_notop_file_matches_keras_pooled_features(tmp_path):
+@pytest.mark.parametrize("layout", ["keras3", "official"])
+def test_notop_file_matches_keras_pooled_features(tmp_path, layout):
     keras_notop = random_keras_xception(seed=2, include_top=False)
-    path = save_keras3_h5(keras_notop, tmp_path / "notop.h5")
+    save = save_official_layout if layout == "official" else save_keras3_h5
+    path = save(keras_notop, tmp_path / "notop.h5")
     model = xception.create_model("xception", num_classes=0, weights=path).eval()
     for size in [(299, 299), (240, 320)]:
         x = images(size, seed=3)
@@ -92,3 +121,44 @@ def test_notop_file_into_model_with_classifier_is_refused(tmp_path):
     with pytest.raises(xception.WeightFileError, match=r"no classifier.*num_classes=0"):
         xception.load_weights(model, path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_official_top_file_into_model_without_classifier_is_refused(weight_files):
+    model = xception.create_model("xception", num_classes=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(xception.WeightFileError, match=r"'dense_2', 1000 classes.*num_classes=1000"):
+        xception.load_weights(model, weight_files["official"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_official_layout_of_another_network_is_refused(weight_files, tmp_path):
+    """One separable convolution too few (a Keras 1 file of another network): refused, the model untouched."""
+    import h5py
+
+    path = tmp_path / "other.h5"
+    with h5py.File(weight_files["official"], "r") as src, h5py.File(path, "w") as dst:
+        names = [text(n) for n in src.attrs["layer_names"] if text(n) != "separableconvolution2d_34"]
+        dst.attrs["layer_names"] = [n.encode() for n in names]
+        for name in names:
+            src.copy(src[name], dst, name=name)
+    model = xception.create_model("xception")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(xception.WeightFileError, match="33 separable convolution layers where the model has 34"):
+        xception.load_weights(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_official_layout_with_a_wrong_shape_names_the_tensor(weight_files, tmp_path):
+    import h5py
+
+    path = tmp_path / "wrong.h5"
+    with h5py.File(weight_files["official"], "r") as src, h5py.File(path, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            src.copy(src[name], dst, name=name)
+        del dst["batchnormalization_3"]["batchnormalization_3_gamma:0"]
+        dst["batchnormalization_3"].create_dataset("batchnormalization_3_gamma:0", data=np.ones(64, "float32"))
+    with pytest.raises(xception.WeightFileError, match=r"blocks.block2.shortcut.bn.weight expected \(128,\), "
+                                                       r"found \(64,\)"):
+        xception.create_model("xception", weights=path)

@@ -137,7 +137,7 @@ def test_resnet_state_dict(model: nn.Module, tmp_path: Path) -> None:
 
 def test_full_keras_file_into_model_without_classifier(keras_top: Path) -> None:
     features = xception.create_model("xception", num_classes=0)
-    assert_refused(features, keras_top, "classifier", "'predictions'", "num_classes=1000", "no-top")
+    assert_refused(features, keras_top, "classifier", "'dense_2'", "num_classes=1000", "no-top")
 
 
 def test_three_channel_file_into_one_channel_model(keras_notop: Path) -> None:
@@ -317,20 +317,22 @@ def test_unknown_weights_name() -> None:
 
 
 @pytest.fixture(scope="module")
-def served_files(keras_top: Path, keras_notop: Path) -> dict[str, tuple[str, int]]:
-    return {path.name: (hub.md5sum(path), path.stat().st_size) for path in (keras_top, keras_notop)}
+def served_files(keras_top: Path, keras_notop: Path) -> dict[str, tuple[str, str, int]]:
+    return {path.name: (*hub.digests(path), path.stat().st_size) for path in (keras_top, keras_notop)}
 
 
-def register_local(monkeypatch: pytest.MonkeyPatch, base_url: str, files: dict[str, tuple[str, int]],
-                   corrupt_md5: bool = False) -> weights_module.Weights:
-    """Point the registered ImageNet weights at ``base_url`` (the monkeypatch restores the registry)."""
+def register_local(monkeypatch: pytest.MonkeyPatch, base_url: str, files: dict[str, tuple[str, str, int]],
+                   corrupt: str | None = None) -> weights_module.Weights:
+    """Point the registered ImageNet weights at ``base_url``, pinned to the local files' MD5 and SHA-256 (the
+    monkeypatch restores the registry). ``corrupt="md5"`` or ``"sha256"`` pins that digest to a wrong value."""
     registered = xception.get_weights("xception", "imagenet")
 
     def local(file: hub.WeightFile) -> hub.WeightFile:
-        md5, size = files[file.filename]
-        if corrupt_md5:
-            md5 = "0" * 32
-        return dataclasses.replace(file, urls=(f"{base_url}/{file.filename}",), md5=md5, num_bytes=size)
+        md5, sha256, size = files[file.filename]
+        md5 = "0" * 32 if corrupt == "md5" else md5
+        sha256 = "0" * 64 if corrupt == "sha256" else sha256
+        return dataclasses.replace(file, urls=(f"{base_url}/{file.filename}",), md5=md5, sha256_prefix=sha256,
+                                   num_bytes=size)
 
     patched = dataclasses.replace(registered, file=local(registered.file), notop_file=local(registered.notop_file))
     monkeypatch.setitem(weights_module._REGISTRY, ("xception", "imagenet"), patched)
@@ -388,18 +390,22 @@ def test_offline_error_says_what_to_download_and_where(served_files, torch_home,
     assert not (torch_home / filename).exists()
 
 
+@pytest.mark.parametrize("digest", ["md5", "sha256"])
 def test_checksum_mismatch_is_refused(keras_dir, keras_top, served_files, torch_home,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch, digest: str) -> None:
+    """Both pins are checked: a file that passes one and fails the other is refused."""
     model = xception.create_model("xception")
     before = snapshot(model)
     with serve_directory(keras_dir) as server:
-        patched = register_local(monkeypatch, server.base_url, served_files, corrupt_md5=True)
+        patched = register_local(monkeypatch, server.base_url, served_files, corrupt=digest)
         with pytest.raises(WeightsUnavailableError, match="checksum mismatch") as info:
             xception.load_weights(model, "imagenet")
         with pytest.raises(WeightsUnavailableError, match="checksum mismatch"):
             xception.create_model("xception", weights="imagenet")
         assert server.requests == [f"/{keras_top.name}"] * 2  # nothing was cached the first time
-    assert patched.file.md5 in str(info.value) and hub.md5sum(keras_top) in str(info.value)
+    expected = patched.file.md5 if digest == "md5" else patched.file.sha256_prefix
+    found = hub.digests(keras_top)[0 if digest == "md5" else 1]
+    assert expected in str(info.value) and found in str(info.value)
     assert_same_state(model, before)
     assert not torch_home.exists() or list(torch_home.iterdir()) == []
 
@@ -417,3 +423,14 @@ def test_registry_is_restored_between_tests() -> None:
     """Runs last (pytest keeps file order): the download tests' registry patches must not leak."""
     file = xception.get_weights("xception", "imagenet").file
     assert file.md5 == "0a58e3b7378bc2990ea3b43d5981f1f6" and file.urls[0].startswith("https://storage.googleapis")
+
+
+def test_official_files_are_pinned_by_md5_and_sha256() -> None:
+    """The digests of the real files (xception-facts.md: Keras's MD5s, and SHA-256 from the Git LFS pointers of
+    public copies), both checked on download."""
+    registered = xception.get_weights("xception", "imagenet")
+    assert (registered.file.md5, registered.file.sha256_prefix) == (
+        "0a58e3b7378bc2990ea3b43d5981f1f6", "c5bf1c05b020c4177164039b854c3ef92b16b73384734647c1f0ad5cf79f6975")
+    assert (registered.notop_file.md5, registered.notop_file.sha256_prefix) == (
+        "b0042744bf5b25fce3cb969f33bebb97", "e3fa32521ed48ced4af05adc950ab24963c4a00bd42e6825f8b180c65853163c")
+    assert "MD5 0a58e3b7378bc2990ea3b43d5981f1f6 and SHA-256 c5bf1c05" in registered.file.pin()

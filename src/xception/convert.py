@@ -2,8 +2,10 @@
 
 Formats are recognised by their first bytes, never by the file extension:
 
-- Keras legacy HDF5 (the official ImageNet files, Keras 1 era, and files written by Keras 2/3);
-- PyTorch state dicts (.pth): timm ``legacy_xception``, Cadene ``xception``, or this library's own;
+- Keras: the official ImageNet files (Keras 1), Keras 2/3 legacy HDF5, Keras 3 ``.weights.h5`` and ``.keras``
+  archives (all read in :mod:`xception.keras_files`);
+- PyTorch state dicts and checkpoints (.pth, .pth.tar): timm ``legacy_xception`` and ``xception_aligned`` (timm
+  training checkpoints included), Cadene ``xception`` (both releases), or this library's own;
 - safetensors written by :func:`xception.save_weights`.
 
 Each reader returns ``(format description, {name: tensor})``; :func:`xception.weights.load_weights`
@@ -12,6 +14,7 @@ checks the result against the model before loading anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections import defaultdict
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layers import SeparableConv2d
+from .errors import WeightFileError
+from .keras_files import is_keras_archive, read_keras_file
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -28,20 +32,16 @@ PICKLE_PROTOCOL_2 = b"\x80\x02"
 SAFETENSORS_FORMAT = "xception-safetensors"
 
 
-class WeightFileError(ValueError):
-    """A weight file that cannot be read, or that does not fit the model."""
-
-
 def detect_format(path: Path) -> str:
-    """One of "keras-h5", "pytorch" or "safetensors", from the file's first bytes."""
+    """One of "keras" (HDF5 or a .keras archive), "pytorch" or "safetensors", from the file's first bytes."""
     if not path.is_file():
         raise WeightFileError(f"weight file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
     if not head:
         raise WeightFileError(f"weight file {path} is empty")
-    if head.startswith(HDF5_SIGNATURE):
-        return "keras-h5"
+    if head.startswith(HDF5_SIGNATURE) or (head.startswith(ZIP_SIGNATURE) and is_keras_archive(path)):
+        return "keras"
     if head.startswith(ZIP_SIGNATURE) or head.startswith(PICKLE_PROTOCOL_2):
         return "pytorch"
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
@@ -54,144 +54,22 @@ def read_weights(path: str | Path, model: nn.Module) -> tuple[str, dict[str, tor
     """Read ``path`` into tensors named as in ``model.state_dict()``; ``model`` only supplies the names."""
     path = Path(path)
     kind = detect_format(path)
-    if kind == "keras-h5":
-        return read_keras_h5(path, model)
+    if kind == "keras":
+        return read_keras_file(path, model)
     if kind == "safetensors":
         return name_state_dict(read_safetensors(path), model, path, "safetensors")
     return name_state_dict(read_pytorch(path), model, path, ".pth")
-
-
-# --- Keras HDF5 ------------------------------------------------------------------------------------
-
-def keras_layer_name(module_path: str) -> str:
-    """``blocks.block5.layers.sepconv2_bn`` -> ``block5_sepconv2_bn``; ``head.predictions`` -> ``predictions``."""
-    match = re.fullmatch(r"blocks\.(block\d+)\.(?:layers\.)?(\w+)", module_path)
-    if match:
-        return f"{match.group(1)}_{match.group(2)}"
-    return module_path.rsplit(".", 1)[-1]
-
-
-# A Keras weight's role, from the end of its name, in every Keras version's spelling.
-KERAS_WEIGHT_ROLES = {
-    "kernel": "kernel", "W": "kernel", "bias": "bias", "b": "bias",
-    "depthwise_kernel": "depthwise_kernel", "pointwise_kernel": "pointwise_kernel",
-    "gamma": "weight", "beta": "bias",
-    "moving_mean": "running_mean", "running_mean": "running_mean",
-    # Keras 1 called the moving variance "running_std", but it always held the variance.
-    "moving_variance": "running_var", "running_std": "running_var",
-}
-
-
-def keras_weight_role(layer: str, weight_name: str) -> str:
-    leaf = weight_name.split("/")[-1].split(":")[0]
-    if leaf.startswith(layer + "_"):
-        leaf = leaf[len(layer) + 1:]
-    if leaf not in KERAS_WEIGHT_ROLES:
-        raise WeightFileError(f"unknown weight {weight_name!r} in Keras layer {layer!r}")
-    return KERAS_WEIGHT_ROLES[leaf]
-
-
-def keras_to_torch(role: str, value: torch.Tensor) -> torch.Tensor:
-    """TensorFlow kernels are (kh, kw, in, out); PyTorch's (out, in, kh, kw). Both cross-correlate."""
-    if role in ("kernel", "pointwise_kernel") and value.dim() == 4:
-        return value.permute(3, 2, 0, 1)
-    if role == "depthwise_kernel":  # (kh, kw, in, multiplier) -> (in * multiplier, 1, kh, kw)
-        kh, kw, channels, multiplier = value.shape
-        return value.permute(2, 3, 0, 1).reshape(channels * multiplier, 1, kh, kw)
-    if role == "kernel" and value.dim() == 2:  # Dense: (in, out) -> (out, in)
-        return value.t()
-    return value
-
-
-def read_keras_h5(path: Path, model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            group = f.get("model_weights", f)
-            if "layer_names" not in group.attrs:
-                raise WeightFileError(f"{path} is an HDF5 file but not a Keras weight file (no layer_names)")
-            layers: list[tuple[str, dict[str, torch.Tensor]]] = []
-            for raw in group.attrs["layer_names"]:
-                layer = raw.decode() if isinstance(raw, bytes) else str(raw)
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in group[layer].attrs["weight_names"]]
-                if names:
-                    weights = {keras_weight_role(layer, n): torch.from_numpy(group[layer][n][()]) for n in names}
-                    layers.append((layer, weights))
-            version = group.attrs.get("keras_version", b"unknown")
-    except WeightFileError:
-        raise
-    except (OSError, KeyError, ValueError) as error:
-        raise WeightFileError(f"could not read {path} as a Keras HDF5 weight file ({error}); the file may be "
-                              "truncated or corrupt: fetch it again") from error
-    version = version.decode() if isinstance(version, bytes) else str(version)
-    return f"Keras HDF5 (keras {version})", keras_layers_to_state_dict(layers, model)
-
-
-def keras_layers_to_state_dict(layers: list[tuple[str, dict[str, torch.Tensor]]],
-                               model: nn.Module) -> dict[str, torch.Tensor]:
-    """Match named Keras layers by name, and the unnamed shortcut conv/BN pairs by shape in order."""
-    separable = tuple(path + "." for path, module in model.named_modules() if isinstance(module, SeparableConv2d))
-    ours = {keras_layer_name(path): (path, module) for path, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, SeparableConv2d))
-            and ".shortcut." not in path and not path.startswith(separable)}
-    # Shortcut convs and BNs have no name in Keras: queue ours by shape, to be taken in order.
-    shortcut_queues: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for path, module in model.named_modules():
-        if path.endswith(".shortcut.conv"):
-            shortcut_queues[("conv", *module.weight.shape)].append(path)
-        elif path.endswith(".shortcut.bn"):
-            shortcut_queues[("bn", module.num_features)].append(path)
-
-    state: dict[str, torch.Tensor] = {}
-    for layer, weights in layers:
-        if layer in ours:
-            path, module = ours[layer]
-        else:
-            key = shortcut_key(weights)
-            if not shortcut_queues.get(key):
-                raise WeightFileError(unmatched_layer_message(layer, weights, model))
-            path = shortcut_queues[key].pop(0)
-            module = model.get_submodule(path)
-        for role, value in weights.items():
-            state[torch_name(path, module, role)] = keras_to_torch(role, value)
-    return state
-
-
-def shortcut_key(weights: dict[str, torch.Tensor]) -> tuple:
-    if "kernel" in weights and weights["kernel"].dim() == 4:
-        kh, kw, cin, cout = weights["kernel"].shape
-        return ("conv", cout, cin, kh, kw)
-    if "running_var" in weights:
-        return ("bn", weights["running_var"].shape[0])
-    return ("unknown",)
-
-
-def unmatched_layer_message(layer: str, weights: dict[str, torch.Tensor], model: nn.Module) -> str:
-    shapes = {role: tuple(value.shape) for role, value in weights.items()}
-    if layer == "predictions":
-        classes = shapes.get("bias", ("?",))[0]
-        return (f"the file has a classifier ('predictions', {classes} classes) but the model has none: build it "
-                f"with num_classes={classes}, or load the no-top weight file")
-    return f"the file's layer {layer!r} {shapes} has no counterpart in the model"
-
-
-def torch_name(path: str, module: nn.Module, role: str) -> str:
-    if isinstance(module, SeparableConv2d):
-        part = {"depthwise_kernel": "depthwise.weight", "pointwise_kernel": "pointwise.weight",
-                "bias": "pointwise.bias"}.get(role)
-        if part is None:
-            raise WeightFileError(f"unexpected weight {role!r} for separable convolution {path}")
-        return f"{path}.{part}"
-    return f"{path}.{'weight' if role == 'kernel' else role}"
 
 
 # --- PyTorch state dicts ------------------------------------------------------------------------
 
 def read_pytorch(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # weights_only: a checkpoint is data; never run pickled code from it.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: a checkpoint is data; never run pickled code from it. timm's training checkpoints
+        # (model_best.pth.tar, checkpoint-N.pth.tar, written by timm.utils.CheckpointSaver) also hold the run's
+        # arguments as an argparse.Namespace, a plain attribute bag: that one type is allowed, nothing else.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or hostile files
         raise WeightFileError(f"could not read {path} as a PyTorch checkpoint ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); the file may be truncated, "
@@ -206,12 +84,24 @@ def name_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path
     if "stem.0.conv.weight" in state:
         return f"timm xception_aligned ({container})", timm_aligned_to_state_dict(state)
     if "conv1.weight" in state and any(re.match(r"block\d+\.rep\.", k) for k in keys):
-        source = "Cadene xception" if "last_linear.weight" in state else "timm legacy_xception"
-        return f"{source} ({container})", timm_to_state_dict(state, model)
+        return f"{pytorch_port_source(state)} ({container})", timm_to_state_dict(state, model)
     if any(k.startswith("blocks.") for k in keys):
         return ("xception safetensors" if container == "safetensors" else "xception state dict (.pth)"), state
     raise WeightFileError(f"{path} is a {container} state dict but not an Xception one (timm legacy_xception or "
                           f"xception_aligned, Cadene xception, or this library's): its keys start {keys[:3]}")
+
+
+def pytorch_port_source(state: dict[str, torch.Tensor]) -> str:
+    """Which file of the PyTorch ports a timm/Cadene-named state dict is. Cadene's first release
+    (xception-b5690688.pth) stored the 1x1 pointwise kernels as matrices (its users unsqueeze them, e.g.
+    FaceForensics++); the second (xception-43020ad28.pth, which timm's legacy_xception loads) as 4-D kernels.
+    Both name the classifier fc; Cadene's model renames it last_linear once loaded, so a state dict saved
+    from that model has last_linear."""
+    if any(k.endswith("pointwise.weight") and v.dim() == 2 for k, v in state.items()):
+        return "Cadene xception-b5690688 (first release, 2-D pointwise kernels)"
+    if "last_linear.weight" in state:
+        return "Cadene pretrainedmodels xception (last_linear)"
+    return "timm legacy_xception / Cadene xception-43020ad28"
 
 
 def unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:

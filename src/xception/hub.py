@@ -63,9 +63,10 @@ class WeightFile:
         return None
 
     def pin(self) -> str:
-        if self.md5 is not None:
-            return f"MD5 {self.md5}"
-        return f"SHA-256 {'' if len(self.sha256_prefix or '') == 64 else 'starting '}{self.sha256_prefix}"
+        pins = [f"MD5 {self.md5}"] if self.md5 is not None else []
+        if self.sha256_prefix is not None:
+            pins.append(f"SHA-256 {'' if len(self.sha256_prefix) == 64 else 'starting '}{self.sha256_prefix}")
+        return " and ".join(pins)
 
 
 @dataclass(frozen=True)

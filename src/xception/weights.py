@@ -64,8 +64,11 @@ KERAS_RELEASES = "https://storage.googleapis.com/tensorflow/keras-applications/x
 GITHUB_RELEASES = "https://github.com/fchollet/deep-learning-models/releases/download/v0.4/"
 
 
-def keras_file(filename: str, md5: str, num_bytes: int) -> WeightFile:
-    return WeightFile(filename, (KERAS_RELEASES + filename, GITHUB_RELEASES + filename), md5, num_bytes)
+def keras_file(filename: str, md5: str, sha256: str, num_bytes: int) -> WeightFile:
+    """An official Keras file, pinned twice: by the MD5 Keras itself checks, and by the SHA-256 of public copies
+    (their Git LFS ids), so that a collision in the weaker hash cannot pass."""
+    return WeightFile(filename, (KERAS_RELEASES + filename, GITHUB_RELEASES + filename), md5, num_bytes,
+                      sha256_prefix=sha256)
 
 
 _REGISTRY: dict[tuple[str, str], Weights] = {}
@@ -80,9 +83,9 @@ register_weights(Weights(
     model="xception",
     name="imagenet",
     file=keras_file("xception_weights_tf_dim_ordering_tf_kernels.h5", "0a58e3b7378bc2990ea3b43d5981f1f6",
-                    91_884_032),
-    notop_file=keras_file("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                          "b0042744bf5b25fce3cb969f33bebb97", 83_683_744),
+                    "c5bf1c05b020c4177164039b854c3ef92b16b73384734647c1f0ad5cf79f6975", 91_884_032),
+    notop_file=keras_file("xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "b0042744bf5b25fce3cb969f33bebb97",
+                          "e3fa32521ed48ced4af05adc950ab24963c4a00bd42e6825f8b180c65853163c", 83_683_744),
     num_classes=1000,
     meta={
         "num_params": 22_855_952,
