@@ -162,3 +162,51 @@ def test_official_layout_with_a_wrong_shape_names_the_tensor(weight_files, tmp_p
     with pytest.raises(xception.WeightFileError, match=r"blocks.block2.shortcut.bn.weight expected \(128,\), "
                                                        r"found \(64,\)"):
         xception.create_model("xception", weights=path)
+
+
+@pytest.fixture(scope="module")
+def keras3_finetuned(tmp_path_factory):
+    """A Keras 3 user's fine-tuned Xception as Keras's transfer-learning guide builds it (the base without its top,
+    pooled; dropout; a new Dense head), saved by Keras 3 itself in both of its own formats."""
+    import keras
+
+    base = random_keras_xception(seed=6, include_top=False)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Dropout(0.2)(base(inputs, training=False))
+    outputs = keras.layers.Dense(5, bias_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=1))(x)
+    model = keras.Model(inputs, outputs)
+    folder = tmp_path_factory.mktemp("keras3_native")
+    model.save_weights(folder / "finetuned.weights.h5")
+    model.save(folder / "finetuned.keras")
+    return model, folder
+
+
+@pytest.mark.parametrize("filename", ["finetuned.weights.h5", "finetuned.keras"])
+def test_keras3_finetuned_model_matches_keras(keras3_finetuned, filename):
+    keras_model, folder = keras3_finetuned
+    model = xception.create_model("xception", num_classes=5, weights=folder / filename).eval()
+    x = images((240, 320), seed=4)
+    expected = np.asarray(keras_model(x, training=False).detach().cpu())
+    assert relative_error(torch_logits(model, x), expected) <= TOLERANCE
+    assert relative_error(expected[0], expected[1]) > 100 * TOLERANCE
+
+
+def test_keras3_weights_of_another_network_are_refused(tmp_path):
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(inputs)))
+    path = tmp_path / "small.weights.h5"
+    keras.Model(inputs, outputs).save_weights(path)
+    with pytest.raises(xception.WeightFileError, match="1 convolution layers where the model has 6"):
+        xception.create_model("xception", num_classes=3, weights=path)
+
+
+def test_other_keras_shaped_files_say_which_keras_formats_are_read(tmp_path):
+    import h5py
+
+    path = tmp_path / "model.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = "{}"  # a whole-model file without the weights group
+    with pytest.raises(xception.WeightFileError, match=r"official Keras 1 files.*\.keras archives"):
+        xception.create_model("xception", weights=path)

@@ -48,16 +48,24 @@ def timm_state(reference: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in reference.state_dict().items()}
 
 
-def cadene_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cadene's pretrainedmodels names the classifier last_linear and stores 1x1 kernels as (out, in)."""
-    converted = {}
-    for key, value in state.items():
-        if key.startswith("fc."):
-            key = "last_linear." + key[len("fc."):]
-        elif key.endswith("pointwise.weight"):
-            value = value[:, :, 0, 0].clone()
-        converted[key] = value
-    return converted
+class RunRecord:
+    """A class of the test's own: unpickling it would import and run code from this module."""
+
+
+def cadene_first_release(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout of Cadene's first file, xception-b5690688.pth: timm's names (classifier ``fc``), but the 1x1
+    pointwise kernels stored as (out, in) matrices. Evidence: the code that loads the real file, e.g.
+    FaceForensics++'s ``xception`` builder, unsqueezes every ``pointwise`` tensor twice and then loads the state
+    dict strictly into a model whose classifier is ``fc``."""
+    return {key: value[:, :, 0, 0].clone() if key.endswith("pointwise.weight") else value
+            for key, value in state.items()}
+
+
+def cadene_model_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved from Cadene's pretrainedmodels model: its ``xception()`` loads xception-43020ad28.pth
+    (names as timm's) and then renames ``fc`` to ``last_linear``."""
+    return {key.replace("fc.", "last_linear.", 1) if key.startswith("fc.") else key: value
+            for key, value in state.items()}
 
 
 def assert_matches_timm(model: nn.Module, expected: dict[tuple[int, int], torch.Tensor]) -> None:
@@ -75,21 +83,48 @@ def test_reference_output_depends_on_input(expected) -> None:
 
 
 def test_timm_pth_matches_timm(timm_state, expected, tmp_path: Path) -> None:
+    """timm's legacy_xception state dict: the layout of xception-43020ad28.pth, which timm's model loads."""
     path = tmp_path / "legacy_xception.pth"
     torch.save(timm_state, path)
-    model = xception.create_model("xception", numerics="timm", weights=path)
-    assert_matches_timm(model, expected)
-
-
-def test_cadene_layout_matches_timm(timm_state, expected, tmp_path: Path) -> None:
-    state = cadene_layout(timm_state)
-    assert "last_linear.weight" in state and "fc.weight" not in state
-    assert state["block1.rep.0.pointwise.weight"].dim() == 2
-    path = tmp_path / "cadene_xception.pth"
-    torch.save(state, path)
     model = xception.create_model("xception", numerics="timm")
-    assert xception.load_weights(model, path).startswith("Cadene")
+    assert xception.load_weights(model, path) == "timm legacy_xception / Cadene xception-43020ad28 (.pth)"
     assert_matches_timm(model, expected)
+
+
+@pytest.mark.parametrize(("layout", "label"), [
+    (cadene_first_release, "Cadene xception-b5690688 (first release, 2-D pointwise kernels) (.pth)"),
+    (cadene_model_state, "Cadene pretrainedmodels xception (last_linear) (.pth)"),
+])
+def test_cadene_files_match_timm(timm_state, expected, tmp_path: Path, layout, label: str) -> None:
+    path = tmp_path / "cadene_xception.pth"
+    torch.save(layout(timm_state), path)
+    model = xception.create_model("xception", numerics="timm")
+    assert xception.load_weights(model, path) == label
+    assert_matches_timm(model, expected)
+
+
+def test_timm_training_checkpoint_loads(reference: nn.Module, expected, tmp_path: Path) -> None:
+    """model_best.pth.tar and checkpoint-N.pth.tar as timm's train.py writes them, by timm's own CheckpointSaver:
+    the run's arguments ride along as an argparse.Namespace, which is allowed; nothing else unpickles."""
+    import argparse
+
+    from timm.utils import CheckpointSaver
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model="legacy_xception", lr=0.1, epochs=3, mean=(0.5, 0.5, 0.5), smoothing=0.1)
+    saver = CheckpointSaver(reference, optimizer, args=args, checkpoint_dir=str(tmp_path), max_history=2)
+    saver.save_checkpoint(epoch=0, metric=71.5)
+    for filename in ("model_best.pth.tar", "checkpoint-0.pth.tar"):
+        model = xception.create_model("xception", numerics="timm", weights=tmp_path / filename)
+        assert_matches_timm(model, {(256, 320): expected[(256, 320)]})
+
+
+def test_checkpoint_with_other_pickled_objects_is_refused(timm_state, tmp_path: Path) -> None:
+    """Only argparse.Namespace is let through: any other class in a checkpoint still means code, and is refused."""
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": timm_state, "extra": RunRecord()}, path)
+    with pytest.raises(xception.WeightFileError, match="contain code rather than tensors"):
+        xception.create_model("xception", numerics="timm", weights=path)
 
 
 def test_wrapped_checkpoint_with_module_prefix_loads(timm_state, expected, tmp_path: Path) -> None:
