@@ -344,6 +344,8 @@ def test_download_verifies_caches_and_loads(keras_dir, keras_top, served_files, 
     with serve_directory(keras_dir) as server:
         register_local(monkeypatch, server.base_url, served_files)
         downloaded = xception.create_model("xception", weights="imagenet")
+        assert downloaded.pretrained_weights is xception.get_weights("xception", "imagenet")
+        assert downloaded.pretrained_weights.transforms().crop_size == 299
         cached = torch_home / keras_top.name
         assert cached.read_bytes() == keras_top.read_bytes()
         assert server.requests == [f"/{keras_top.name}"]
@@ -434,3 +436,24 @@ def test_official_files_are_pinned_by_md5_and_sha256() -> None:
     assert (registered.notop_file.md5, registered.notop_file.sha256_prefix) == (
         "b0042744bf5b25fce3cb969f33bebb97", "e3fa32521ed48ced4af05adc950ab24963c4a00bd42e6825f8b180c65853163c")
     assert "MD5 0a58e3b7378bc2990ea3b43d5981f1f6 and SHA-256 c5bf1c05" in registered.file.pin()
+
+
+def test_every_registered_entry_has_its_models_parameter_count() -> None:
+    for entry in weights_module.WEIGHTS:
+        model = xception.create_model(entry.model, num_classes=entry.num_classes, device="meta")
+        assert entry.meta["num_params"] == sum(p.numel() for p in model.parameters()), entry.name
+
+
+def test_every_model_has_default_weights() -> None:
+    for name in xception.list_models():
+        default = xception.get_weights(name)
+        assert default is xception.get_weights(name, "default")
+        assert default.name in xception.list_weights(name)
+    assert xception.get_weights("xception65").name == "ra3_in1k"
+
+
+def test_loaded_weights_are_remembered(keras_top: Path) -> None:
+    model = xception.create_model("xception")
+    assert model.pretrained_weights is None
+    xception.load_weights(model, keras_top)
+    assert model.pretrained_weights is None  # a file: no registered metadata to remember

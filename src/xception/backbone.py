@@ -188,6 +188,7 @@ class XceptionBase(nn.Module):
         self.multi_grid = multi_grid
         self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
+        self.pretrained_weights = None  # the registered Weights once loaded (their transforms(), metadata)
 
     def build(self, stem: tuple[str, nn.Module], stem_reduction: int, specs: list[BlockSpec],
               make_block: MakeBlock, *, final_act: nn.Module, first_number: int, global_pool: str,

@@ -71,85 +71,75 @@ def keras_file(filename: str, md5: str, sha256: str, num_bytes: int) -> WeightFi
                       sha256_prefix=sha256)
 
 
-_REGISTRY: dict[tuple[str, str], Weights] = {}
-
-
-def register_weights(weights: Weights) -> Weights:
-    _REGISTRY[(weights.model, weights.name)] = weights
-    return weights
-
-
-register_weights(Weights(
-    model="xception",
-    name="imagenet",
-    file=keras_file("xception_weights_tf_dim_ordering_tf_kernels.h5", "0a58e3b7378bc2990ea3b43d5981f1f6",
-                    "c5bf1c05b020c4177164039b854c3ef92b16b73384734647c1f0ad5cf79f6975", 91_884_032),
-    notop_file=keras_file("xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "b0042744bf5b25fce3cb969f33bebb97",
-                          "e3fa32521ed48ced4af05adc950ab24963c4a00bd42e6825f8b180c65853163c", 83_683_744),
-    num_classes=1000,
-    meta={
-        "num_params": 22_855_952,
-        "categories": "imagenet",
-        "metrics": {"ImageNet-1k": {"top1": 79.0, "top5": 94.5}},
-        "source": "Official Keras Applications weights by F. Chollet (keras.applications.Xception)",
-        "paper": "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions, CVPR 2017",
-        "license": "MIT",
-        "numerics": "keras",
-    },
-    # The Keras example resizes the whole image to 299x299; timm's evaluation of the same weights resizes
-    # to 333 and crops 299 (bicubic), which measured 79.06 top-1. We follow the latter for evaluation.
-    transform_config={"resize_size": 333, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
-                      "std": (0.5,) * 3},
-))
-
-
 TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+TF_SOURCE = "DeepLab (tensorflow/models) ImageNet checkpoints, ported to PyTorch by timm"
+RA3_SOURCE = "timm's ImageNet-1k training (RandAugment recipe 'ra3'), from the Hugging Face Hub"
+# The evaluation transforms timm uses for each set: crop 299 after resizing the shorter side to 299 / crop_pct.
+TF_TRANSFORM = {"resize_size": 331, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+RA3_TRANSFORM = {**TF_TRANSFORM, "resize_size": 318}  # crop_pct 0.94
 
-# DeepLab's TensorFlow ImageNet checkpoints of the aligned models, as ported to PyTorch by timm. Only the
-# SHA-256 prefix in each file name and the file sizes are published (timm's model documentation), so those
-# pin the files. Accuracy as timm reports it for these files.
-for _model, _digest, _size, _top1, _top5 in [
-    ("xception41", "e6439c97", 108_422_028, 78.54, 94.28),
-    ("xception65", "c9ae96e8", 160_536_780, 79.55, 94.66),
-    ("xception71", "8eec7df1", 170_295_556, 79.88, 94.93),
-]:
-    _filename = f"tf_{_model.replace('xception', 'xception_')}-{_digest}.pth"
-    register_weights(Weights(
-        model=_model,
-        name="tf_in1k",
-        file=WeightFile(_filename, (TIMM_RELEASES + _filename,), md5=None, num_bytes=_size, sha256_prefix=_digest),
-        notop_file=None,
+
+def deeplab_tf_weights(model: str, filename: str, num_bytes: int, num_params: int, top1: float,
+                       top5: float) -> Weights:
+    """DeepLab's TensorFlow ImageNet checkpoints of the aligned models as ported by timm. Only the SHA-256 prefix in
+    each file name and the file sizes are published (timm's model documentation), so those pin the files."""
+    digest = filename.rsplit("-", 1)[1].removesuffix(".pth")
+    return Weights(
+        model=model, name="tf_in1k", num_classes=1000, notop_file=None,
+        file=WeightFile(filename, (TIMM_RELEASES + filename,), md5=None, num_bytes=num_bytes, sha256_prefix=digest),
+        meta={"num_params": num_params, "categories": "imagenet", "source": TF_SOURCE, "license": "Apache-2.0",
+              "metrics": {"ImageNet-1k": {"top1": top1, "top5": top5}}},
+        transform_config=TF_TRANSFORM)
+
+
+def timm_ra3_weights(model: str, num_params: int, top1: float) -> Weights:
+    """timm's own training of the aligned models, published on the Hugging Face Hub and pinned by the size and
+    SHA-256 the hub lists for the file (see HubFile). Top-1 as timm reports it; no top-5 is published."""
+    return Weights(
+        model=model, name="ra3_in1k", num_classes=1000, notop_file=None, file=HubFile(f"timm/{model}.ra3_in1k"),
+        meta={"num_params": num_params, "categories": "imagenet", "source": RA3_SOURCE, "license": "Apache-2.0",
+              "metrics": {"ImageNet-1k": {"top1": top1}}},
+        transform_config=RA3_TRANSFORM)
+
+
+# Every registered set of weights, one row each. Parameter counts are those of the 1000-class model (tested).
+WEIGHTS: tuple[Weights, ...] = (
+    Weights(
+        model="xception",
+        name="imagenet",
+        file=keras_file("xception_weights_tf_dim_ordering_tf_kernels.h5", "0a58e3b7378bc2990ea3b43d5981f1f6",
+                        "c5bf1c05b020c4177164039b854c3ef92b16b73384734647c1f0ad5cf79f6975", 91_884_032),
+        notop_file=keras_file("xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                              "b0042744bf5b25fce3cb969f33bebb97",
+                              "e3fa32521ed48ced4af05adc950ab24963c4a00bd42e6825f8b180c65853163c", 83_683_744),
         num_classes=1000,
         meta={
+            "num_params": 22_855_952,
             "categories": "imagenet",
-            "metrics": {"ImageNet-1k": {"top1": _top1, "top5": _top5}},
-            "source": "DeepLab (tensorflow/models) ImageNet checkpoints, ported to PyTorch by timm",
-            "license": "Apache-2.0",
+            "metrics": {"ImageNet-1k": {"top1": 79.0, "top5": 94.5}},
+            "source": "Official Keras Applications weights by F. Chollet (keras.applications.Xception)",
+            "paper": "Chollet, Xception: Deep Learning with Depthwise Separable Convolutions, CVPR 2017",
+            "license": "MIT",
+            "numerics": "keras",
         },
-        transform_config={"resize_size": 331, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
+        # The Keras example resizes the whole image to 299x299; timm's evaluation of the same weights resizes
+        # to 333 and crops 299 (bicubic), which measured 79.06 top-1. We follow the latter for evaluation.
+        transform_config={"resize_size": 333, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
                           "std": (0.5,) * 3},
-    ))
+    ),
+    deeplab_tf_weights("xception41", "tf_xception_41-e6439c97.pth", 108_422_028, 26_969_560, 78.54, 94.28),
+    deeplab_tf_weights("xception65", "tf_xception_65-c9ae96e8.pth", 160_536_780, 39_916_312, 79.55, 94.66),
+    deeplab_tf_weights("xception71", "tf_xception_71-8eec7df1.pth", 170_295_556, 42_338_736, 79.88, 94.93),
+    timm_ra3_weights("xception65", 39_916_312, 83.19),
+    timm_ra3_weights("xception41p", 26_907_752, 81.98),
+    timm_ra3_weights("xception65p", 39_819_560, 83.16),
+)
 
+# What ``weights="default"`` loads for each model: the most accurate registered set.
+DEFAULT_WEIGHTS = {"xception": "imagenet", "xception41": "tf_in1k", "xception65": "ra3_in1k",
+                   "xception71": "tf_in1k", "xception41p": "ra3_in1k", "xception65p": "ra3_in1k"}
 
-# timm's own ImageNet training of the aligned models (its "ra3" recipe), published only on the Hugging Face Hub:
-# pinned by the size and SHA-256 the hub lists for each file (see HubFile). Top-1 as timm reports it.
-for _model, _top1 in [("xception65", 83.19), ("xception41p", 81.98), ("xception65p", 83.16)]:
-    register_weights(Weights(
-        model=_model,
-        name="ra3_in1k",
-        file=HubFile(f"timm/{_model}.ra3_in1k"),
-        notop_file=None,
-        num_classes=1000,
-        meta={
-            "categories": "imagenet",
-            "metrics": {"ImageNet-1k": {"top1": _top1}},
-            "source": "timm's ImageNet-1k training (RandAugment recipe 'ra3'), from the Hugging Face Hub",
-            "license": "Apache-2.0",
-        },
-        # timm evaluates these at crop_pct 0.94: resize the shorter side to 299 / 0.94 = 318, crop 299.
-        transform_config={"resize_size": 318, "crop_size": 299, "interpolation": "bicubic", "mean": (0.5,) * 3,
-                          "std": (0.5,) * 3},
-    ))
+_REGISTRY: dict[tuple[str, str], Weights] = {(weights.model, weights.name): weights for weights in WEIGHTS}
 
 
 def list_weights(model: str | None = None) -> list[str]:
@@ -159,7 +149,10 @@ def list_weights(model: str | None = None) -> list[str]:
     return sorted(f"{m}.{name}" for m, name in _REGISTRY)
 
 
-def get_weights(model: str, name: str) -> Weights:
+def get_weights(model: str, name: str = "default") -> Weights:
+    """The registered weights ``name`` of ``model``; ``"default"`` is the model's best (:data:`DEFAULT_WEIGHTS`)."""
+    if name == "default" and model in DEFAULT_WEIGHTS:
+        name = DEFAULT_WEIGHTS[model]
     try:
         return _REGISTRY[(model, name)]
     except KeyError:
@@ -169,7 +162,9 @@ def get_weights(model: str, name: str) -> Weights:
 
 
 def load_weights(model: nn.Module, weights: str | Path) -> str:
-    """Load a registered name or a weight file into ``model``; returns the detected format.
+    """Load a registered name (or ``"default"``) or a weight file into ``model``; returns the detected format.
+
+    ``model.pretrained_weights`` becomes the registered :class:`Weights` (None for a file).
 
     A registered name is fetched (cached, checksum-verified) in the variant that fits the model: for another
     class count that is the file without classifier, and the model's new head keeps its initialisation.
@@ -195,6 +190,8 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
     expected = model.state_dict()
     # BatchNorm's step counter is not a weight; files from other frameworks do not have it.
     model.load_state_dict({name: state.get(name, expected[name]) for name in expected})
+    # Remembered as timm keeps pretrained_cfg: the weights' transforms() are one attribute away.
+    model.pretrained_weights = registered
     return file_format
 
 
