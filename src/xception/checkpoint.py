@@ -29,7 +29,6 @@ file (and the complete new weights file left under its temporary name, which fin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -48,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .convert import WeightFileError, read_safetensors_metadata
+from .files import sync_file, sync_folder
 
 FORMAT = "xception-checkpoint"
 FORMAT_VERSION = 1
@@ -313,24 +313,7 @@ def temporary_path(path: Path, checkpoint_id: str) -> Path:
 def write_synced(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file and flush it to the disk, so that a rename never exposes unwritten data."""
     save_file(tensors, str(path), metadata=metadata)
-    descriptor = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def sync_folder(folder: Path) -> None:
-    """Make the renames in ``folder`` durable, in order (POSIX; Windows cannot open folders and skips this)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some file systems do not sync folders
-            os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    sync_file(path)
 
 
 def remove_stale_temporaries(*paths: Path) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from .files import atomic_path, write_text_atomic
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 30.0
@@ -101,10 +101,7 @@ class HubFile:
         record = directory / f"{self.filename}.pin.json"
         if not record.exists():
             published = self._published_pin()
-            directory.mkdir(parents=True, exist_ok=True)
-            temporary = record.with_name(record.name + ".tmp")
-            temporary.write_text(json.dumps(published, indent=2) + "\n")
-            os.replace(temporary, record)
+            write_text_atomic(record, json.dumps(published, indent=2) + "\n")
         try:
             pin = json.loads(record.read_text())
             return WeightFile(self.filename, (self.url,), md5=None, num_bytes=pin["num_bytes"],
@@ -217,27 +214,21 @@ def _download(url: str, target: Path, file: WeightFile, progress: bool) -> None:
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or file.num_bytes)
         md5, sha256, size = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
-        with tempfile.NamedTemporaryFile(
-            dir=target.parent, prefix=f"{file.filename}.", suffix=".part", delete=False
-        ) as part:
-            try:
-                with tqdm(total=total, unit="B", unit_scale=True, desc=file.filename, disable=not progress) as bar:
-                    while chunk := response.read(CHUNK_BYTES):
-                        size += len(chunk)
-                        if size > file.num_bytes:  # Do not let a wrong page or file fill the disk.
-                            raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got more")
-                        part.write(chunk)
-                        md5.update(chunk)
-                        sha256.update(chunk)
-                        bar.update(len(chunk))
-                part.close()  # Windows cannot rename an open file.
-                if size != file.num_bytes:
-                    raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got {size}")
-                if (problem := file.checksum_problem(md5.hexdigest(), sha256.hexdigest())) is not None:
-                    raise WeightsUnavailableError(f"checksum mismatch: {problem}")
-                os.replace(part.name, target)
-            finally:
-                Path(part.name).unlink(missing_ok=True)  # Already gone after a successful rename.
+        with atomic_path(target, suffix=".part") as part, open(part, "wb") as out:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=file.filename, disable=not progress) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > file.num_bytes:  # Do not let a wrong page or file fill the disk.
+                        raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got more")
+                    out.write(chunk)
+                    md5.update(chunk)
+                    sha256.update(chunk)
+                    bar.update(len(chunk))
+            out.close()  # Windows cannot rename an open file.
+            if size != file.num_bytes:
+                raise WeightsUnavailableError(f"size mismatch: expected {file.num_bytes} bytes, got {size}")
+            if (problem := file.checksum_problem(md5.hexdigest(), sha256.hexdigest())) is not None:
+                raise WeightsUnavailableError(f"checksum mismatch: {problem}")
 
 
 def _reason(error: Exception) -> str:

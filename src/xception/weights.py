@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .convert import WeightFileError, read_weights
+from .files import atomic_path
 from .hub import HubFile, WeightFile, fetch
 from .transforms import ClassificationTransform
 
@@ -262,12 +263,8 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     if hasattr(model, "architecture"):
         metadata["architecture"] = json.dumps(model.architecture())
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed save leaves no partial file behind; gone after the rename
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
     return path
 
 
