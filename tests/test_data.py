@@ -477,6 +477,23 @@ def test_eval_transform_is_deterministic_and_crops_at_a_ratio() -> None:
     assert float(squeezed.max()) == 1.0  # ratio 1.0 resizes the whole image
 
 
+def test_eval_transform_decodes_pil_images_as_open_image_does(tmp_path: Path) -> None:
+    """A PIL image handed to a trained model's transform is decoded like a file: here, turned upright by its EXIF
+    orientation (the file is written by PIL)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    ramp = torch.linspace(0, 255, 40 * 20 * 3).reshape(20, 40, 3).to(torch.uint8)  # no symmetry: rotation shows
+    path = save(Image.fromarray(ramp.numpy()), tmp_path / "rotated.jpg", exif=exif.tobytes())
+    transform = eval_transform(16, 3, resize_ratio=1.25)
+    upright = open_image(path)
+    assert upright.size == (20, 40)
+    with Image.open(path) as image:
+        assert torch.equal(transform(image), transform(upright))
+        stored = image.transpose(Image.Transpose.ROTATE_90)  # any other orientation gives other pixels
+        del stored.info["exif"]
+        assert not torch.equal(transform(stored), transform(upright))
+
+
 def test_compact_leaves_small_images_recognisable() -> None:
     image = torch.full((1, 28, 28), 255, dtype=torch.uint8)
     output = train_transform(28, 1, "compact")(image)

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import math
 import random
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,10 +23,14 @@ from typing import Protocol
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+# The decoder lives with the evaluation transforms of registered weights, which use it too; imported here for
+# the datasets, and so that ``xception.data.open_image`` keeps working.
+from .transforms import ImageError, decode_image, open_image
 
 logger = logging.getLogger("xception.data")
 
@@ -41,7 +44,6 @@ PROBE_FILES_PER_CLASS = 3  # how many files per class from_folder opens to decid
 _IDX_UBYTE = 0x08
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _TRAIN_STYLES = ("inception", "compact")
 
 ImageInput = Image.Image | torch.Tensor
@@ -231,54 +233,6 @@ class ResumableSampler(Sampler[SampleKey]):
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start
-
-
-# --------------------------------------------------------------------------------------------------- decoding
-
-class ImageError(ValueError):
-    """A file that cannot be used as an image: not an image, corrupt, truncated, or too large to decode safely."""
-
-
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL mode to "RGB" or "L" the way a viewer would show it.
-
-    Transparent pixels are composited on white (not Pillow's black), and 16-bit data is scaled to 8 bits (Pillow's
-    own convert clips it, which turns most 16-bit photographs white).
-    """
-    if image.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8))
-    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image if image.mode == mode else image.convert(mode)
-
-
-def open_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """Decode an image file into a loaded ``mode`` ("RGB" or "L") image, upright as its EXIF orientation says.
-
-    The one decoder for training folders and for prediction, so both see identical pixels. Anything wrong with the
-    file's content raises ImageError naming the file; images larger than ``Image.MAX_IMAGE_PIXELS`` are refused
-    (Pillow only warns below twice that limit) since a hostile or mistaken file could exhaust memory. A missing or
-    unreadable path raises the usual OSError.
-    """
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    path = Path(path)
-    with open(path, "rb") as file, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(file) as image:
-                image.load()
-                return _to_mode(ImageOps.exif_transpose(image), mode)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{path}: refusing to decode a possible decompression bomb ({err})") from err
-        except UnidentifiedImageError as err:
-            raise ImageError(f"{path}: not an image file (no image format recognises it)") from err
-        except Exception as err:  # decoders raise many types for damaged files; all mean "unusable file"
-            raise ImageError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------------------------------- datasets
@@ -474,7 +428,7 @@ class _ToImageTensor:
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         if isinstance(image, Image.Image):
-            return TF.pil_to_tensor(_to_mode(image, "L" if self.in_chans == 1 else "RGB"))
+            return TF.pil_to_tensor(decode_image(image, "L" if self.in_chans == 1 else "RGB"))
         if image.dtype != torch.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"expected a uint8 tensor (H, W) or (C, H, W), got {image.dtype} {tuple(image.shape)}")
         if image.ndim == 2:
@@ -567,6 +521,9 @@ def train_transform(img_size: int, in_chans: int, style: str, *, erasing: float 
 
 def eval_transform(img_size: int, in_chans: int, resize_ratio: float = 1.0) -> Transform:
     """Deterministic evaluation preprocessing: PIL image or uint8 tensor -> float (in_chans, img_size, img_size).
+
+    The evaluation transform of models trained here, from their recipe; registered pretrained weights have their own,
+    ``Weights.transforms()``. PIL images go through the same decoder (:func:`~xception.transforms.decode_image`).
 
     Resizes the shorter side to round(img_size * resize_ratio) and centre-crops img_size. The default ratio 1.0 is a
     plain resize to img_size x img_size (a non-square image is squeezed, not cropped; a 28x28 image at img_size 28 is

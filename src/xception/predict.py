@@ -14,8 +14,17 @@ import torch
 from torch import nn
 
 from .checkpoint import read_architecture
-from .data import IMAGE_EXTENSIONS, ImageError, eval_transform, open_image
+from .data import (
+    FASHION_MNIST_CLASSES,
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    SampleKey,
+    Transform,
+    eval_transform,
+    load_fashion_mnist,
+)
 from .registry import create_model
+from .transforms import ImageError, open_image
 from .weights import get_weights, imagenet_categories
 
 log = logging.getLogger("xception.predict")
@@ -23,21 +32,41 @@ log = logging.getLogger("xception.predict")
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference with what it needs to read images and name its outputs."""
+    """A model ready for inference with what it needs to read images and name its outputs.
+
+    ``preprocess`` is the one evaluation transform of this model, used by every entry point (``predict``, ``eval``,
+    int8 calibration, ``export``'s metadata): registered weights bring their own (``Weights.transforms()``), a
+    training run its recipe's (:func:`~xception.data.eval_transform`). ``preprocessing`` describes it in plain values.
+    """
 
     model: nn.Module
     classes: list[str]
     in_chans: int
     img_size: int
-    resize_ratio: float = 1.0
+    preprocess: Transform
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
+    registered: bool = False  # registered weights: class names are theirs, not a data folder's
 
-    def transform(self) -> Any:
-        return eval_transform(self.img_size, self.in_chans, self.resize_ratio)
+    def transform(self) -> Transform:
+        """The evaluation transform (kept as a method: older callers built it here)."""
+        return self.preprocess
+
+    @property
+    def mode(self) -> str:
+        """The PIL mode files are decoded to."""
+        return "L" if self.in_chans == 1 else "RGB"
+
+
+def preprocess_file(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
+    """One image file as ``loaded``'s input: the decoder every entry point shares, then the model's transform.
+
+    Raises ImageError or OSError for a file that cannot be read."""
+    return loaded.preprocess(open_image(path, loaded.mode))
 
 
 def load_trained(checkpoint: str | Path) -> LoadedModel:
     """A run folder (its ``best`` weights, else ``last``, with the classes and image size of its config) or a
-    weights file saved by this library."""
+    weights file saved by this library. Its preprocessing is its recipe's evaluation transform."""
     path = Path(checkpoint)
     if path.is_dir():
         weights = next((path / f"{n}.safetensors" for n in ("best", "last") if (path / f"{n}.safetensors").exists()),
@@ -55,16 +84,34 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     recipe = config.get("recipe", {})
     classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
     img_size = recipe.get("img_size") or 299
-    return LoadedModel(model, classes, model.in_chans, img_size, recipe.get("eval_resize_ratio", 1.0))
+    ratio = recipe.get("eval_resize_ratio", 1.0)
+    resize: int | list[int] = [img_size, img_size] if ratio == 1.0 else round(img_size * ratio)
+    description = {"resize_size": resize, "crop_size": img_size, "interpolation": "bilinear",
+                   "mean": [0.5] * model.in_chans, "std": [0.5] * model.in_chans}
+    return LoadedModel(model, classes, model.in_chans, img_size, eval_transform(img_size, model.in_chans, ratio),
+                       description)
 
 
 def load_registered(model_name: str, weights_name: str) -> LoadedModel:
-    """Registered pretrained weights (e.g. ``xception``, ``imagenet``) with their own preprocessing."""
+    """Registered pretrained weights (e.g. ``xception``, ``imagenet``) with their own preprocessing,
+    ``Weights.transforms()``: the same tensors as the Python API gives."""
     registered = get_weights(model_name, weights_name)
+    transform = registered.transforms()
     model = create_model(model_name, weights=weights_name).eval().to(memory_format=torch.channels_last)
-    config = registered.transform_config
     classes = list(imagenet_categories()) if registered.categories else [str(i) for i in range(model.num_classes)]
-    return LoadedModel(model, classes, 3, config["crop_size"], config["resize_size"] / config["crop_size"])
+    description = {key: list(value) if isinstance(value, tuple) else value
+                   for key, value in registered.transform_config.items()}
+    return LoadedModel(model, classes, len(transform.mean), transform.crop_size, transform, description,
+                       registered=True)
+
+
+def dataset_for(loaded: LoadedModel, data: str, split: str) -> ImageDataset:
+    """``split`` of ``data`` (``fashion-mnist``, or an ImageNet-layout folder, classes in sorted folder order)
+    preprocessed with ``loaded``'s transform: what ``xception eval`` evaluates and int8 calibrates on."""
+    if data == "fashion-mnist":
+        images, labels = load_fashion_mnist("test" if split in ("val", "test") else "train")
+        return ImageDataset.in_memory(images, labels, loaded.preprocess, list(FASHION_MNIST_CLASSES))
+    return ImageDataset.from_folder(Path(data), split, loaded.preprocess)
 
 
 def deploy_loaded(loaded: LoadedModel, precision: str, calibration: torch.Tensor | None = None,
@@ -84,25 +131,17 @@ def deploy_loaded(loaded: LoadedModel, precision: str, calibration: torch.Tensor
 def calibration_images(loaded: LoadedModel, data: str, count: int = 512) -> torch.Tensor:
     """The first ``count`` readable *training* images of ``data`` (``fashion-mnist`` or an ImageNet-layout folder),
     preprocessed as for evaluation: int8 calibration never sees the images it is evaluated on."""
-    from .data import ImageDataset, SampleKey, load_fashion_mnist
-
-    transform = loaded.transform()
-    if data == "fashion-mnist":
-        images, _ = load_fashion_mnist("train")
-        return torch.stack([transform(image[None]) for image in images[:count]])
-    train_set = ImageDataset.from_folder(Path(data), "train", transform, classes=loaded.classes)
+    train_set = dataset_for(loaded, data, "train")
     samples = (train_set[SampleKey(0, i)] for i in range(min(len(train_set), 2 * count)))
     return torch.stack([sample[0] for sample in samples if sample is not None][:count])
 
 
 def load_images(loaded: LoadedModel, files: Iterable[str | Path], limit: int) -> torch.Tensor:
     """Up to ``limit`` readable images among ``files``, preprocessed for ``loaded`` (unreadable ones skipped)."""
-    transform = loaded.transform()
-    mode = "L" if loaded.in_chans == 1 else "RGB"
     tensors = []
     for path in image_files(files):
         try:
-            tensors.append(transform(open_image(path, mode)))
+            tensors.append(preprocess_file(loaded, path))
         except (ImageError, OSError):
             continue
         if len(tensors) == limit:
@@ -127,8 +166,6 @@ def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
             batch_size: int = 16) -> list[dict[str, Any]]:
     """One result per file: ``{"file", "predictions": [{"class", "index", "probability"}...]}`` or
     ``{"file", "error"}`` for a file that cannot be read; the others are still predicted."""
-    transform = loaded.transform()
-    mode = "L" if loaded.in_chans == 1 else "RGB"
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []
     k = min(top_k, len(loaded.classes))
@@ -148,7 +185,7 @@ def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
 
     for path in image_files(inputs):
         try:
-            tensor = transform(open_image(path, mode))
+            tensor = preprocess_file(loaded, path)
         except (ImageError, OSError) as error:
             results.append({"file": str(path), "error": str(error)})
             continue
