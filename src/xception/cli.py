@@ -77,22 +77,28 @@ def model_table(img_size: int = 299) -> str:
 
 
 def command_convert(args: argparse.Namespace) -> int:
-    """Any readable weight file -> this library's safetensors, with the class count read from the file."""
+    """Any readable weight file -> this library's safetensors, with the class count and input channels read from
+    the file."""
     if not args.destination.parent.is_dir():  # checked first: safetensors' own error would be a traceback
         raise ValueError(f"cannot write {args.destination}: the folder {args.destination.parent} does not exist")
     probe = create_model(args.model)
     file_format, state = read_weights(args.source, probe)
     classifier = state.get("head.predictions.weight")
-    num_classes = 0 if classifier is None else classifier.shape[0]
-    # Weights trained by the PyTorch ports expect their numerics (BN eps 1e-5, symmetric pooling).
-    numerics = "timm" if file_format.startswith(("timm", "Cadene")) else "keras"
-    options: dict[str, Any] = {"num_classes": num_classes, "numerics": numerics}
+    options: dict[str, Any] = {"num_classes": 0 if classifier is None else classifier.shape[0]}
+    first_conv = next(name for name, module in probe.named_modules() if isinstance(module, torch.nn.Conv2d))
+    if f"{first_conv}.weight" in state:
+        options["in_chans"] = state[f"{first_conv}.weight"].shape[1]
+    # Only the paper's network has a numerics option (the aligned models have timm's numerics built in). There,
+    # weights trained by the PyTorch ports expect theirs: BN eps 1e-5, symmetric pooling.
+    if "numerics" in probe.architecture():
+        options["numerics"] = "timm" if file_format.startswith(("timm", "Cadene")) else "keras"
     if file_format == "xception safetensors":  # saved here: keep the architecture (and numerics) it was saved with
         options = json.loads(read_safetensors_metadata(args.source).get("architecture", "null")) or options
     model = create_model(args.model, weights=args.source, **options)
     save_weights(model, args.destination)
-    print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={model.num_classes}, "
-          f"numerics={model.config.numerics}")
+    numerics = model.architecture().get("numerics")
+    print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={model.num_classes}"
+          + (f", numerics={numerics}" if numerics else ""))
     return 0
 
 
@@ -130,23 +136,57 @@ def command_export(args: argparse.Namespace) -> int:
 
     if args.checkpoint is not None and args.weights is not None:
         raise ValueError("give --checkpoint RUN_DIR|WEIGHTS or --weights NAME, not both")
+    loaded = None
     if args.checkpoint:
         loaded = load_trained(args.checkpoint)
-        model, img_size = loaded.model, args.img_size or loaded.img_size
     elif args.weights:
         loaded = load_registered(args.model, args.weights)
+    if loaded is not None:
         model, img_size = loaded.model, args.img_size or loaded.img_size
     else:
         model, img_size = create_model(args.model).eval(), args.img_size or 299
     path = export_onnx(model, args.output, img_size=img_size)
+    if loaded is not None:
+        # The ONNX file alone does not say how to make its input; the preprocessing predict and eval use does.
+        add_onnx_metadata(path, {"xception.preprocessing": json.dumps(loaded.preprocessing)})
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input images: (batch, {model.in_chans}, "
           f"{img_size}, {img_size}) float32, batch dynamic")
+    if loaded is not None:
+        print(f"preprocessing (also in the file's metadata, xception.preprocessing): {describe(loaded.preprocessing)}")
     if args.check:
         error = check_onnx(model, path, img_size=img_size)
         print(f"onnxruntime vs PyTorch: max relative error {error:.2e} (bound 1e-4)")
         if error > 1e-4:
             raise ValueError(f"the ONNX model differs from PyTorch by {error:.2e} relative, above 1e-4")
     return 0
+
+
+def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to an ONNX file's metadata_props, rewriting it through a temporary name as it was written."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    partial = path.with_name(path.name + ".partial")
+    try:
+        onnx.save(model, str(partial))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def describe(preprocessing: dict[str, Any]) -> str:
+    """A LoadedModel's preprocessing in words: "RGB, resize the shorter side to 333 (bicubic), centre crop 299, ..."."""
+    resize = preprocessing["resize_size"]
+    if isinstance(resize, list):
+        resized = f"resize to {resize[0]}x{resize[1]}"
+    else:
+        resized = f"resize the shorter side to {resize}"
+    return (f"{'RGB' if len(preprocessing['mean']) == 3 else 'grayscale'}, {resized} "
+            f"({preprocessing['interpolation']}), centre crop {preprocessing['crop_size']}, scale to 0..1, "
+            f"normalise with mean {preprocessing['mean']} and std {preprocessing['std']}")
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -177,32 +217,37 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    """Top-1/top-5, per-class accuracy and a confusion-matrix PNG for a trained model on a data split."""
+    """Top-1/top-5, per-class accuracy and a confusion-matrix PNG for a trained model or registered weights on a
+    data split, preprocessed as the model's own evaluation transform says."""
     from torch.utils.data import DataLoader
 
-    from .data import FASHION_MNIST_CLASSES, ImageDataset, ResumableSampler, collate_skipping, load_fashion_mnist
-    from .predict import load_trained
+    from .data import ResumableSampler, collate_skipping
+    from .predict import dataset_for, load_registered, load_trained
     from .train import evaluate
 
-    loaded = load_trained(args.checkpoint)
-    transform = loaded.transform()
-    if args.precision is not None:
-        loaded = deploy_for_eval(loaded, args.precision, args.data, args.batch_size)
-    if args.data == "fashion-mnist":
-        images, labels = load_fashion_mnist("test" if args.split in ("val", "test") else "train")
-        dataset = ImageDataset.in_memory(images, labels, transform, list(FASHION_MNIST_CLASSES))
-    else:
-        dataset = ImageDataset.from_folder(Path(args.data), args.split, transform)
+    if (args.checkpoint is None) == (args.weights is None):
+        raise ValueError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME (e.g. --weights imagenet)")
+    loaded = load_trained(args.checkpoint) if args.checkpoint else load_registered(args.model, args.weights)
+    dataset = dataset_for(loaded, args.data, args.split)
     if len(dataset.classes) != loaded.model.num_classes:
         raise ValueError(f"the data has {len(dataset.classes)} classes but the model {loaded.model.num_classes}")
-    if dataset.classes != loaded.classes and loaded.classes != [str(i) for i in range(len(loaded.classes))]:
+    # Registered weights name their classes (ImageNet's words), the folders by id (n01440764...): only the order,
+    # sorted folder names, can be relied on there.
+    generic = [str(i) for i in range(len(loaded.classes))]
+    if not loaded.registered and dataset.classes != loaded.classes and loaded.classes != generic:
         raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the model's {loaded.classes[:5]}...")
+    if args.precision is not None:  # after the checks above: int8 calibration takes a while
+        loaded = deploy_for_eval(loaded, args.precision, args.data, args.batch_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping,
                         sampler=ResumableSampler(len(dataset), shuffle=False))
     metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"),
                        channels_last=args.precision is None)
-    output = Path(args.output) if args.output else (Path(args.checkpoint) if Path(args.checkpoint).is_dir()
-                                                    else Path(args.checkpoint).parent)
+    if args.output:
+        output = Path(args.output)
+    elif args.checkpoint:
+        output = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    else:
+        output = Path("runs") / f"eval-{args.model}-{args.weights}"
     output.mkdir(parents=True, exist_ok=True)
     plot_confusion(metrics["confusion"], dataset.classes, output / f"confusion-{args.split}.png")
     print(f"{args.split}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {metrics['samples']} images"
@@ -229,7 +274,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(5, 0.45 * len(classes))
+    size = min(max(5, 0.45 * len(classes)), 20)  # 1000 classes would otherwise ask for a 45000-pixel square
     figure, axis = plt.subplots(figsize=(size + 1, size))
     image = axis.imshow(confusion, cmap="Blues")
     if len(classes) <= 40:
@@ -334,12 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=command_train)
 
     evaluate = commands.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix")
-    evaluate.add_argument("--checkpoint", required=True, help="a run folder or a weights file")
+    evaluate.add_argument("--checkpoint", help="a run folder or a weights file")
+    evaluate.add_argument("--weights", help="registered weights of --model, e.g. imagenet, with their own "
+                                            "preprocessing (Weights.transforms())")
+    evaluate.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
     evaluate.add_argument("--data", default="fashion-mnist")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--workers", type=int, default=0)
-    evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder)")
+    evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder, or "
+                                           "runs/eval-MODEL-WEIGHTS)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     evaluate.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
                           help="evaluate the deployed model (optimize_for_inference) at this precision; int8 is "
