@@ -122,7 +122,7 @@ def test_convert_keras_file(keras_files, tmp_path: Path, capsys) -> None:
     dst = tmp_path / "converted.safetensors"
     code, out, err = run(capsys, "convert", str(keras_files["top"]), str(dst))
     assert code == 0, err
-    assert "Keras HDF5" in out and "num_classes=1000" in out and "numerics=keras" in out
+    assert "Keras 1 HDF5" in out and "num_classes=1000" in out and "numerics=keras" in out  # the official layout
     meta = read_safetensors_metadata(dst)
     assert json.loads(meta["architecture"])["num_classes"] == 1000
     converted = xception.create_model("xception", weights=dst)
