@@ -104,25 +104,30 @@ def test_bf16_deploy_is_close_to_fp32(one_thread):
         assert relative_error(output, model(x)) <= 5e-2
 
 
-def test_compiled_deploy_pads_a_short_batch_instead_of_recompiling(one_thread):
+def test_compiled_deploy_serves_any_batch_size_without_padding(one_thread):
     model = small_xception()
     x = torch.rand(5, 3, 71, 71) * 2 - 1
     deployed = optimize_for_inference(model, example_input=x[:2], channels_last=True, compile=True)
-    assert deployed.static_batch == 2 and deployed.report["compile_s"] > 0
+    assert list(deployed.report["compiled_graphs"]) == ["Nx3x71x71"]  # one graph for every batch of two or more
+    assert deployed.report["compile_s"] > 0
     with torch.no_grad():
         expected = model(x)
-    assert relative_error(deployed(x), expected) <= 1e-5  # 2 + 2 + 1 padded to 2
+    assert relative_error(deployed(x), expected) <= 1e-5
+    assert list(deployed.report["compiled_graphs"]) == ["Nx3x71x71"]  # batch 5 ran in it, not cut into 2 + 2 + 1
     assert relative_error(deployed(x[:1]), expected[:1]) <= 1e-5
+    assert list(deployed.report["compiled_graphs"]) == ["Nx3x71x71", "1x3x71x71"]  # batch 1 in its own graph
 
 
-def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
+def test_int8_deploy_runs_quantized_at_any_batch_size(one_thread):
+    """Without ``example_input``: compiled at once for the calibration batch's size (16), and a batch of one runs
+    in a graph of its own, not padded to 16."""
     pytest.importorskip("torchao")
     # 32x32 without a strided stem: even feature maps, whose TF-same pooling window runs off the edge
     model = small_xception(32, stem_stride=1)
     calibration = torch.rand(16, 3, 32, 32) * 2 - 1
-    deployed = optimize_for_inference(model, "int8", calibration, example_input=calibration[:4],
-                                      channels_last=True)
+    deployed = optimize_for_inference(model, "int8", calibration, channels_last=True)
     assert deployed.report["calibration_images"] == 16
+    assert list(deployed.report["compiled_graphs"]) == ["Nx3x32x32"]
     graph = deployed.module._orig_mod.graph  # the compiled PT2E module: real int8 quantize ops, not fake-quant
     quantize_ops = [node for node in graph.nodes if "quantize_per_tensor" in str(node.target)]
     assert quantize_ops
@@ -132,11 +137,13 @@ def test_int8_deploy_runs_quantized_and_stays_close(one_thread):
     depthwise = [node for node in convolutions if len(node.args) > 6 and node.args[6] != 1]
     assert len(depthwise) == sum(isinstance(m, SeparableConv2d) for m in model.modules()) > 0
     assert all("dequantize_per_channel" in str(node.args[1].target) for node in convolutions)
-    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         expected = model(x)
-    actual = deployed(x)
-    assert relative_error(actual, expected) <= 0.15
+    assert relative_error(deployed(x[:1]), expected[:1]) <= 0.15
+    assert relative_error(deployed(x), expected) <= 0.15
+    assert list(deployed.report["compiled_graphs"]) == ["Nx3x32x32", "1x3x32x32"]
+    assert deployed.report["compile_s"] == pytest.approx(sum(deployed.report["compiled_graphs"].values()), abs=0.02)
 
 
 @pytest.mark.parametrize(("name", "options"), [("xception41", {}), ("xception", {"output_stride": 16})])
