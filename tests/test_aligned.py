@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import xception
-from xception import hub
-from xception import weights as weights_module
-from xception.hub import WeightsUnavailableError
+from xception.weights import download as hub
+from xception.weights import registered as weights_module
+from xception.weights.download import WeightsUnavailableError
 
 TOLERANCE = 1e-5
 ALIGNED = ["xception41", "xception65", "xception71", "xception41p", "xception65p"]

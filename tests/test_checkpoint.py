@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import xception
-import xception.checkpoint as checkpoint_module
-from xception.checkpoint import (
+import xception.training.checkpoint as checkpoint_module
+from xception.training.checkpoint import (
     CheckpointError,
     TrainingState,
     capture_rng_state,
@@ -31,7 +31,7 @@ from xception.checkpoint import (
     save_checkpoint,
     unflatten_state,
 )
-from xception.convert import read_safetensors_metadata
+from xception.weights.formats import read_safetensors_metadata
 
 ARCHITECTURE = {"tiny": True, "drop": 0.3}
 

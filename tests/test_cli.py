@@ -16,7 +16,7 @@ from torch import nn
 
 import xception
 from xception.cli import main
-from xception.convert import read_safetensors_metadata
+from xception.weights.formats import read_safetensors_metadata
 
 SMALL = (96, 96)
 

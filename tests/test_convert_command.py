@@ -18,7 +18,7 @@ from torch import nn
 
 import xception
 from xception.cli import main
-from xception.convert import read_safetensors_metadata
+from xception.weights.formats import read_safetensors_metadata
 
 ALIGNED = [name for name in xception.list_models() if name != "xception"]
 # A few sources differ from timm's defaults, to check that the class count and input channels come from the file.

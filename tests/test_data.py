@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import xception.data as data
+import xception.data.fashion_mnist as fashion_mnist
 from xception.data import (
     FASHION_MNIST_CLASSES,
     ImageDataset,
@@ -25,9 +25,9 @@ from xception.data import (
     eval_transform,
     load_fashion_mnist,
     open_image,
-    read_idx,
     train_transform,
 )
+from xception.data.fashion_mnist import read_idx
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:
@@ -96,8 +96,8 @@ def test_read_idx_rejects_truncated_and_oversized_files(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fashion_mnist_train() -> tuple[torch.Tensor, torch.Tensor]:
-    if data._fashion_mnist_files(data.FASHION_MNIST_DIR, "train") is None:
-        pytest.skip(f"Fashion-MNIST is not installed in {data.FASHION_MNIST_DIR} "
+    if fashion_mnist._fashion_mnist_files(fashion_mnist.FASHION_MNIST_DIR, "train") is None:
+        pytest.skip(f"Fashion-MNIST is not installed in {fashion_mnist.FASHION_MNIST_DIR} "
                     f"(apt-get install dataset-fashion-mnist)")
     return load_fashion_mnist("train")
 
@@ -124,7 +124,7 @@ def test_load_fashion_mnist_reads_root_first(tmp_path: Path) -> None:
 @pytest.fixture
 def no_local_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Neither the Debian directory nor torch's cache has the files; returns the cache's raw directory."""
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "debian")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", tmp_path / "debian")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     return tmp_path / "hub" / "datasets" / "FashionMNIST" / "raw"
 

@@ -1,4 +1,4 @@
-"""Tests for xception.hub against a local HTTP server and file:// URLs: no internet, deterministic and fast."""
+"""Tests for xception.weights.download against a local HTTP server and file:// URLs: no internet, deterministic."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from http_server import serve_directory
 
-from xception import hub
-from xception.hub import WeightFile, WeightsUnavailableError
+from xception.weights import download as hub
+from xception.weights.download import WeightFile, WeightsUnavailableError
 
 FILENAME = "weights.h5"
 

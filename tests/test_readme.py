@@ -25,6 +25,6 @@ def test_ci_runs_the_readme_test_command():
 
 def test_model_table_is_the_commands_output():
     """Every figure in the README's model table comes from `xception models --markdown`."""
-    from xception.cli import model_table
+    from xception.summary import model_table
 
     assert model_table() in (ROOT / "README.md").read_text()

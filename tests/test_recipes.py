@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from xception.recipes import RECIPES, get_recipe
+from xception.training.recipes import RECIPES, get_recipe
 
 
 def test_imagenet_paper_decays_by_0_94_every_two_epochs_and_scales_with_the_batch():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from xception.cli import main
 from xception.data import load_fashion_mnist
-from xception.train import TrainConfig, TrainingError, train
+from xception.training import TrainConfig, TrainingError, train
 
 # A narrow network so that every test trains in seconds on two cores.
 TINY = {"stem_widths": (8, 16), "entry_widths": (16, 32), "middle_repeats": 0, "exit_widths": (32, 48),

@@ -18,10 +18,10 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import xception
-import xception.predict
+import xception.inference
 from xception.cli import main
-from xception.predict import calibration_images, load_registered, preprocess_file
-from xception.transforms import ClassificationTransform, decode_image, open_image
+from xception.data.transforms import ClassificationTransform, decode_image, open_image
+from xception.inference import calibration_images, load_registered, preprocess_file
 
 ORIENTATION = 0x0112  # the EXIF tag
 KINDS = ("photo.jpg", "alpha.png", "sixteen.png", "gray.jpg", "cmyk.jpg", "rotated.jpg")
@@ -85,7 +85,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         assert (name, weights) == ("xception", "imagenet")
         return model
 
-    monkeypatch.setattr(xception.predict, "create_model", create_model)
+    monkeypatch.setattr(xception.inference, "create_model", create_model)
     return model
 
 

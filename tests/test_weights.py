@@ -22,10 +22,10 @@ from PIL import Image
 from torch import nn
 
 import xception
-from xception import hub
-from xception import weights as weights_module
-from xception.convert import WeightFileError, read_safetensors_metadata
-from xception.hub import WeightsUnavailableError
+from xception.weights import download as hub
+from xception.weights import registered as weights_module
+from xception.weights.download import WeightsUnavailableError
+from xception.weights.formats import WeightFileError, read_safetensors_metadata
 
 SMALL = (96, 96)
 

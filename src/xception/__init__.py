@@ -2,8 +2,8 @@
 
 from .aligned import XceptionAligned
 from .backbone import BlockSpec, FeatureExtractor, XceptionBase
-from .convert import WeightFileError
 from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
+from .errors import WeightFileError, XceptionError
 from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
 from .models import Xception, XceptionConfig
 from .registry import create_model, list_models
@@ -24,6 +24,7 @@ __all__ = [
     "XceptionAligned",
     "XceptionBase",
     "XceptionConfig",
+    "XceptionError",
     "create_model",
     "export_onnx",
     "fold_batchnorm",

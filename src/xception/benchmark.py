@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .registry import create_model
 from .summary import summarize
 
@@ -116,28 +117,30 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
         if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
-            raise ValueError(f"img_size must be a positive int or (height, width), got {self.img_size!r}")
+            raise InvalidArgumentError(f"img_size must be a positive int or (height, width), got {self.img_size!r}")
         object.__setattr__(self, "img_size", size)
         for name, choices in (("precision", PRECISIONS), ("mode", MODES), ("device", DEVICES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+                raise InvalidArgumentError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         object.__setattr__(self, "deploy", tuple(self.deploy))
         if any(candidate not in DEPLOY_CANDIDATES for candidate in self.deploy):
-            raise ValueError(f"deploy candidates must be among {DEPLOY_CANDIDATES}, got {self.deploy}")
+            raise InvalidArgumentError(f"deploy candidates must be among {DEPLOY_CANDIDATES}, got {self.deploy}")
         if self.deploy and self.mode != "inference":
-            raise ValueError("deploy candidates are timed in inference mode only")
+            raise InvalidArgumentError("deploy candidates are timed in inference mode only")
         if "int8" in self.deploy and self.device != "cpu":
-            raise ValueError("int8 deploy runs on the CPU (oneDNN int8 kernels)")
+            raise InvalidArgumentError("int8 deploy runs on the CPU (oneDNN int8 kernels)")
         if self.precision == "fp16" and self.device != "cuda":
-            raise ValueError("precision 'fp16' needs device 'cuda': CPU autocast runs fp16 convolutions slowly or "
-                             "not at all; use 'bf16' on the CPU")
+            raise InvalidArgumentError("precision 'fp16' needs device 'cuda': CPU autocast runs fp16 convolutions "
+                                       "slowly or "
+                                       "not at all; use 'bf16' on the CPU")
         for name in ("batch_size", "repeats", "iterations"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.min_run_time < 0:
-            raise ValueError(f"warmup and min_run_time must be >= 0, got {self.warmup} and {self.min_run_time}")
+            raise InvalidArgumentError(f"warmup and min_run_time must be >= 0, got {self.warmup} and "
+                                       f"{self.min_run_time}")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+            raise InvalidArgumentError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def measure(model: nn.Module | Callable[[], nn.Module] | None, config: Benchmark
     """
     _check_device(config.device)
     if config.deploy:
-        raise ValueError("measure() times one eager model; compare() times the deploy candidates beside it")
+        raise InvalidArgumentError("measure() times one eager model; compare() times the deploy candidates beside it")
     with _num_threads(config.num_threads):
         if model is None:
             module = create_model(config.model, **config.model_options)
@@ -283,7 +286,7 @@ def _synchronizer(device: str) -> Callable[[], None]:
 
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested, but torch.cuda.is_available() is False")
+        raise InvalidArgumentError("device 'cuda' requested, but torch.cuda.is_available() is False")
 
 
 @contextmanager
@@ -355,7 +358,7 @@ class PeakMemory:
         for line in cls.STATUS.read_text().splitlines():
             if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024  # reported in kB
-        raise ValueError(f"{key} is not in {cls.STATUS}")
+        raise InvalidArgumentError(f"{key} is not in {cls.STATUS}")
 
     @staticmethod
     def _maxrss_bytes() -> int | None:
@@ -532,7 +535,7 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
     """
     unknown = [peer for peer in peers if peer not in PEERS]
     if unknown:
-        raise ValueError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
+        raise InvalidArgumentError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
     _check_device(config.device)
     with _num_threads(config.num_threads):
         model = create_model(config.model, **config.model_options)

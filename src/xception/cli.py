@@ -10,17 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from .errors import InvalidArgumentError, XceptionError
+from .registry import list_models
 
-from .checkpoint import CheckpointError
-from .convert import WeightFileError, read_safetensors_metadata, read_weights
-from .hub import WeightsUnavailableError
-from .registry import create_model, list_models
-from .summary import summarize
-from .train import TrainingError
-from .weights import get_weights, list_weights, save_weights
-
-CALIBRATION_IMAGES = 512  # int8 calibration: enough to settle the activation ranges
 PREDICT_BATCH = 16
 
 
@@ -30,7 +22,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+            raise InvalidArgumentError(f"--set takes KEY=VALUE, got {pair!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -39,6 +31,9 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def command_summary(args: argparse.Namespace) -> int:
+    from .registry import create_model
+    from .summary import summarize
+
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **parse_options(args.set))
     size = (args.img_size, args.img_size) if args.width is None else (args.img_size, args.width)
     summary = summarize(model, size)
@@ -48,54 +43,24 @@ def command_summary(args: argparse.Namespace) -> int:
 
 def command_models(args: argparse.Namespace) -> int:
     if args.markdown:
+        from .summary import model_table
+
         print(model_table(args.img_size))
         return 0
+    from .weights import list_weights
+
     for name in list_models():
         weights = ", ".join(list_weights(name)) or "-"
         print(f"{name:<12} weights: {weights}")
     return 0
 
 
-def model_table(img_size: int = 299) -> str:
-    """A markdown table of every model: size, cost, feature maps and registered weights."""
-    lines = [f"| model | parameters | GMACs at {img_size} | feature channels | feature strides | weights |",
-             "|---|---:|---:|---|---|---|"]
-    for name in list_models():
-        model = create_model(name)
-        summary = summarize(model, img_size)
-        channels = ", ".join(str(info["num_chs"]) for info in model.feature_info)
-        strides = ", ".join(str(info["reduction"]) for info in model.feature_info)
-        weights = []
-        for weights_name in list_weights(name):
-            registered = get_weights(name, weights_name)
-            metrics = registered.meta["metrics"]["ImageNet-1k"]
-            top5 = f" / top-5 {metrics['top5']}" if "top5" in metrics else ""
-            weights.append(f"`{weights_name}`: {registered.meta['source']}, top-1 {metrics['top1']}{top5}")
-        lines.append(f"| `{name}` | {summary.total_params:,} | {summary.total_macs / 1e9:.2f} | {channels} | "
-                     f"{strides} | {'; '.join(weights) or '-'} |")
-    return "\n".join(lines)
-
-
 def command_convert(args: argparse.Namespace) -> int:
     """Any readable weight file -> this library's safetensors, with the class count and input channels read from
     the file."""
-    if not args.destination.parent.is_dir():  # checked first: safetensors' own error would be a traceback
-        raise ValueError(f"cannot write {args.destination}: the folder {args.destination.parent} does not exist")
-    probe = create_model(args.model)
-    file_format, state = read_weights(args.source, probe)
-    classifier = state.get("head.predictions.weight")
-    options: dict[str, Any] = {"num_classes": 0 if classifier is None else classifier.shape[0]}
-    first_conv = next(name for name, module in probe.named_modules() if isinstance(module, torch.nn.Conv2d))
-    if f"{first_conv}.weight" in state:
-        options["in_chans"] = state[f"{first_conv}.weight"].shape[1]
-    # Only the paper's network has a numerics option (the aligned models have timm's numerics built in). There,
-    # weights trained by the PyTorch ports expect theirs: BN eps 1e-5, symmetric pooling.
-    if "numerics" in probe.architecture():
-        options["numerics"] = "timm" if file_format.startswith(("timm", "Cadene")) else "keras"
-    if file_format == "xception safetensors":  # saved here: keep the architecture (and numerics) it was saved with
-        options = json.loads(read_safetensors_metadata(args.source).get("architecture", "null")) or options
-    model = create_model(args.model, weights=args.source, **options)
-    save_weights(model, args.destination)
+    from .convert import convert_weights
+
+    file_format, model = convert_weights(args.source, args.destination, args.model)
     numerics = model.architecture().get("numerics")
     print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={model.num_classes}"
           + (f", numerics={numerics}" if numerics else ""))
@@ -107,8 +72,8 @@ def command_benchmark(args: argparse.Namespace) -> int:
     from . import benchmark
 
     if args.compare and (args.model != "xception" or args.set):
-        raise ValueError("--compare measures the paper's network against the peers' implementations of it: "
-                         "use --model xception without --set")
+        raise InvalidArgumentError("--compare measures the paper's network against the peers' implementations of "
+                                   "it: use --model xception without --set")
     config = benchmark.BenchmarkConfig(
         model=args.model, model_options=parse_options(args.set), batch_size=args.batch_size, img_size=args.img_size,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile, mode=args.mode,
@@ -132,16 +97,12 @@ def command_benchmark(args: argparse.Namespace) -> int:
 def command_export(args: argparse.Namespace) -> int:
     """ONNX with a dynamic batch dimension, checked against PyTorch in onnxruntime when it is installed."""
     from .deploy import check_onnx, export_onnx
-    from .predict import load_registered, load_trained
+    from .inference import add_onnx_metadata, describe_preprocessing, load_model
+    from .registry import create_model
 
-    if args.checkpoint is not None and args.weights is not None:
-        raise ValueError("give --checkpoint RUN_DIR|WEIGHTS or --weights NAME, not both")
     loaded = None
-    if args.checkpoint:
-        loaded = load_trained(args.checkpoint)
-    elif args.weights:
-        loaded = load_registered(args.model, args.weights)
-    if loaded is not None:
+    if args.checkpoint is not None or args.weights is not None:
+        loaded = load_model(args.checkpoint, args.model, args.weights)
         model, img_size = loaded.model, args.img_size or loaded.img_size
     else:
         model, img_size = create_model(args.model).eval(), args.img_size or 299
@@ -152,56 +113,22 @@ def command_export(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input images: (batch, {model.in_chans}, "
           f"{img_size}, {img_size}) float32, batch dynamic")
     if loaded is not None:
-        print(f"preprocessing (also in the file's metadata, xception.preprocessing): {describe(loaded.preprocessing)}")
+        print("preprocessing (also in the file's metadata, xception.preprocessing): "
+              + describe_preprocessing(loaded.preprocessing))
     if args.check:
         error = check_onnx(model, path, img_size=img_size)
         print(f"onnxruntime vs PyTorch: max relative error {error:.2e} (bound 1e-4)")
         if error > 1e-4:
-            raise ValueError(f"the ONNX model differs from PyTorch by {error:.2e} relative, above 1e-4")
+            raise XceptionError(f"the ONNX model differs from PyTorch by {error:.2e} relative, above 1e-4")
     return 0
-
-
-def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
-    """Add ``metadata`` to an ONNX file's metadata_props, rewriting it through a temporary name as it was written."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    partial = path.with_name(path.name + ".partial")
-    try:
-        onnx.save(model, str(partial))
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def describe(preprocessing: dict[str, Any]) -> str:
-    """A LoadedModel's preprocessing in words: "RGB, resize the shorter side to 333 (bicubic), centre crop 299, ..."."""
-    resize = preprocessing["resize_size"]
-    if isinstance(resize, list):
-        resized = f"resize to {resize[0]}x{resize[1]}"
-    else:
-        resized = f"resize the shorter side to {resize}"
-    return (f"{'RGB' if len(preprocessing['mean']) == 3 else 'grayscale'}, {resized} "
-            f"({preprocessing['interpolation']}), centre crop {preprocessing['crop_size']}, scale to 0..1, "
-            f"normalise with mean {preprocessing['mean']} and std {preprocessing['std']}")
 
 
 def command_train(args: argparse.Namespace) -> int:
     """Train (the default: the compact recipe on Fashion-MNIST), then say where everything is."""
-    from .train import TrainConfig, train
+    from .training import train
+    from .training.config import config_from_args
 
-    config = TrainConfig(
-        data=args.data, recipe=args.recipe, model=args.model, model_options=parse_options(args.set),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, img_size=args.img_size, output=args.output,
-        resume=args.resume, seed=args.seed, deterministic=args.deterministic, workers=args.workers,
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        max_minutes=args.max_minutes, grad_accumulation=args.grad_accumulation, clip_grad_norm=args.clip_grad_norm,
-        label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, sync_bn=args.sync_bn,
-        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, train_subset=args.train_subset,
-        val_subset=args.val_subset, drop_rate=args.drop_rate)
+    config = config_from_args(args, parse_options(args.model_options))
     result = train(config)
     output = Path(result["output"])
     if result["history"]:
@@ -219,88 +146,40 @@ def command_train(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion-matrix PNG for a trained model or registered weights on a
     data split, preprocessed as the model's own evaluation transform says."""
-    from torch.utils.data import DataLoader
+    from .inference import evaluate_on, load_model, plot_confusion
 
-    from .data import ResumableSampler, collate_skipping
-    from .predict import dataset_for, load_registered, load_trained
-    from .train import evaluate
-
-    if (args.checkpoint is None) == (args.weights is None):
-        raise ValueError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME (e.g. --weights imagenet)")
-    loaded = load_trained(args.checkpoint) if args.checkpoint else load_registered(args.model, args.weights)
-    dataset = dataset_for(loaded, args.data, args.split)
-    if len(dataset.classes) != loaded.model.num_classes:
-        raise ValueError(f"the data has {len(dataset.classes)} classes but the model {loaded.model.num_classes}")
-    # Registered weights name their classes (ImageNet's words), the folders by id (n01440764...): only the order,
-    # sorted folder names, can be relied on there.
-    generic = [str(i) for i in range(len(loaded.classes))]
-    if not loaded.registered and dataset.classes != loaded.classes and loaded.classes != generic:
-        raise ValueError(f"the data's classes {dataset.classes[:5]}... differ from the model's {loaded.classes[:5]}...")
-    if args.precision is not None:  # after the checks above: int8 calibration takes a while
-        loaded = deploy_for_eval(loaded, args.precision, args.data, args.batch_size)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_skipping,
-                        sampler=ResumableSampler(len(dataset), shuffle=False))
-    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"),
-                       channels_last=args.precision is None)
+    loaded = load_model(args.checkpoint, args.model, args.weights)
+    metrics, classes = evaluate_on(loaded, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
+                                   precision=args.precision)
     if args.output:
         output = Path(args.output)
     elif args.checkpoint:
         output = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     else:
         output = Path("runs") / f"eval-{args.model}-{args.weights}"
-    output.mkdir(parents=True, exist_ok=True)
-    plot_confusion(metrics["confusion"], dataset.classes, output / f"confusion-{args.split}.png")
+    figure = plot_confusion(metrics["confusion"], classes, output / f"confusion-{args.split}.png")
     print(f"{args.split}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {metrics['samples']} images"
           + (f" ({metrics['skipped']} unreadable, skipped)" if metrics["skipped"] else ""))
-    for name, accuracy in zip(dataset.classes, metrics["per_class"], strict=True):
+    for name, accuracy in zip(classes, metrics["per_class"], strict=True):
         print(f"  {name:<24} {accuracy:.4f}")
-    print(f"confusion matrix: {output / f'confusion-{args.split}.png'}")
+    print(f"confusion matrix: {figure}")
     if args.json:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "samples", "skipped", "per_class")}))
     return 0
 
 
-def deploy_for_eval(loaded: Any, precision: str, data: str, batch_size: int) -> Any:
-    """The loaded model deployed at ``precision``; int8 is calibrated on training images, never the evaluated ones."""
-    from .predict import calibration_images, deploy_loaded
-
-    calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None
-    return deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
-
-
-def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = min(max(5, 0.45 * len(classes)), 20)  # 1000 classes would otherwise ask for a 45000-pixel square
-    figure, axis = plt.subplots(figsize=(size + 1, size))
-    image = axis.imshow(confusion, cmap="Blues")
-    if len(classes) <= 40:
-        axis.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        axis.set_yticks(range(len(classes)), classes, fontsize=7)
-    axis.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
-    figure.colorbar(image)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def command_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image; exit code 1 when some files could not be read (the rest are still predicted)."""
-    from .predict import deploy_loaded, load_images, load_registered, load_trained, predict
+    from .inference import CALIBRATION_IMAGES, deploy_loaded, load_images, load_model, predict
 
-    if (args.checkpoint is None) == (args.weights is None):
-        raise ValueError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME (e.g. --weights imagenet)")
-    loaded = load_trained(args.checkpoint) if args.checkpoint else load_registered(args.model, args.weights)
+    loaded = load_model(args.checkpoint, args.model, args.weights)
     if args.precision is not None:
         calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
         batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
         loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
     results = predict(loaded, args.inputs, top_k=args.top_k, batch_size=PREDICT_BATCH)
     if not results:
-        raise ValueError(f"no images found in {' '.join(map(str, args.inputs))}")
+        raise InvalidArgumentError(f"no images found in {' '.join(map(str, args.inputs))}")
     for result in results:
         if args.json:
             print(json.dumps(result))
@@ -347,35 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--img-size", type=int, default=299, help="input size for the MACs column")
     models.set_defaults(run=command_models)
 
+    from .training.config import add_train_arguments
+
     train = commands.add_parser("train", help="train a model (default: compact recipe on Fashion-MNIST)")
-    train.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder with train/ and val/")
-    train.add_argument("--model", default=None, choices=list_models(), help="default: the recipe's")
-    train.add_argument("--recipe", default="compact", help="compact, imagenet-paper or jft-paper")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="per process")
-    train.add_argument("--lr", type=float, help="learning rate at the recipe's reference batch size")
-    train.add_argument("--img-size", type=int)
-    train.add_argument("--output", type=Path, default=Path("runs/xception"))
-    train.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--deterministic", action="store_true", help="deterministic kernels: bit-exact resume")
-    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast (default: the recipe's)")
-    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                       help="channels_last memory layout (default: on; depthwise convolutions are faster in it)")
-    train.add_argument("--compile", action="store_true")
-    train.add_argument("--max-minutes", type=float, help="stop cleanly after this long (resume later)")
-    train.add_argument("--grad-accumulation", type=int, default=1)
-    train.add_argument("--clip-grad-norm", type=float)
-    train.add_argument("--label-smoothing", type=float)
-    train.add_argument("--ema-decay", type=float)
-    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
-    train.add_argument("--checkpoint-every", type=int, default=200, help="steps between 'last' checkpoints")
-    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    train.add_argument("--train-subset", type=int, help="train on the first N images only")
-    train.add_argument("--val-subset", type=int, help="evaluate on the first N validation images only")
-    train.add_argument("--drop-rate", type=float, help="dropout before the classifier (default: the recipe's)")
+    add_train_arguments(train, list_models())
     train.set_defaults(run=command_train)
 
     evaluate = commands.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix")
@@ -466,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Problems with the input, files or environment (the library's own errors and the OS's) are
+    one line on stderr and exit code 2; anything else is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (WeightFileError, WeightsUnavailableError, CheckpointError, TrainingError, ValueError, TypeError,
-            FileNotFoundError) as error:
+    except (XceptionError, OSError) as error:
         print(f"xception {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .backbone import ClassifierHead
+from .errors import InvalidArgumentError, UnknownOptionError
 
 # Inception V3's widths (branches of its Mixed_5b..7c modules), scaled by ``width``.
 STEM_WIDTHS = (32, 32, 64, 80, 192)
@@ -144,13 +145,13 @@ class InceptionV3Compact(nn.Module):
         super().__init__()
         blocks = tuple(blocks)
         if len(blocks) != 3 or not all(isinstance(b, int) and b >= 1 for b in blocks):
-            raise ValueError(f"blocks must be three counts >= 1 (Inception-A, -B, -C modules), got {blocks}")
+            raise InvalidArgumentError(f"blocks must be three counts >= 1 (Inception-A, -B, -C modules), got {blocks}")
         if width <= 0 or (stem_width is not None and stem_width <= 0):
-            raise ValueError(f"width and stem_width must be positive, got {width} and {stem_width}")
+            raise InvalidArgumentError(f"width and stem_width must be positive, got {width} and {stem_width}")
         if factor_size < 1 or factor_size % 2 == 0:
-            raise ValueError(f"factor_size must be an odd kernel size, got {factor_size}")
+            raise InvalidArgumentError(f"factor_size must be an odd kernel size, got {factor_size}")
         if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.model_name = "inception_v3_compact"
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -218,11 +219,11 @@ def inception_v3_compact(*, num_classes: int = 10, in_chans: int = 1, global_poo
     ``stem_stride``, ``bn_eps``, ``bn_momentum``.
     """
     if drop_path_rate or output_stride != 32 or multi_grid is not None:
-        raise ValueError("inception_v3_compact has no stochastic depth, output stride or multi-grid: leave "
-                         "drop_path_rate, output_stride and multi_grid at their defaults")
+        raise InvalidArgumentError("inception_v3_compact has no stochastic depth, output stride or multi-grid: leave "
+                                   "drop_path_rate, output_stride and multi_grid at their defaults")
     valid = {"width", "stem_width", "blocks", "factor_size", "stem_stride", "bn_eps", "bn_momentum"}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise TypeError(f"unknown inception_v3_compact option(s) {unknown}; valid options are {sorted(valid)}")
+        raise UnknownOptionError(f"unknown inception_v3_compact option(s) {unknown}; valid options are {sorted(valid)}")
     return InceptionV3Compact(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                               drop_rate=drop_rate, **options)

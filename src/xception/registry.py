@@ -12,6 +12,7 @@ from torch import nn
 
 from . import aligned, inception, models
 from .backbone import FeatureExtractor, XceptionBase
+from .errors import InvalidArgumentError
 from .weights import load_weights
 
 MODELS: dict[str, Callable[..., XceptionBase]] = {
@@ -61,13 +62,13 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     """
     builder = MODELS.get(name) or BASELINES.get(name)
     if builder is None:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
+        raise InvalidArgumentError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
     if features_only and name in BASELINES:
-        raise ValueError(f"{name} is a baseline for comparisons and has no feature-map API (features_only)")
+        raise InvalidArgumentError(f"{name} is a baseline for comparisons and has no feature-map API (features_only)")
     if features_only:
         num_classes, global_pool = 0, ""
     elif out_indices is not None:
-        raise ValueError("out_indices needs features_only=True")
+        raise InvalidArgumentError("out_indices needs features_only=True")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = builder(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool, drop_rate=drop_rate,
                         drop_path_rate=drop_path_rate, output_stride=output_stride, multi_grid=multi_grid, **config)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UnknownOptionError
 from .layers import SeparableConv2d
 
 __all__ = ["LayerRow", "ModelSummary", "summarize"]
@@ -136,7 +137,7 @@ def summarize(model: nn.Module, input_size: tuple[int, int] | int = 299, in_chan
     height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     channels = getattr(model, "in_chans", None) if in_chans is None else in_chans
     if channels is None:
-        raise TypeError(f"{type(model).__name__} has no in_chans attribute; pass in_chans")
+        raise UnknownOptionError(f"{type(model).__name__} has no in_chans attribute; pass in_chans")
     layers = list(layer_modules(model))
     owner = {sub: name for name, module in layers for sub in module.modules()}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -198,3 +199,26 @@ def summarize(model: nn.Module, input_size: tuple[int, int] | int = 299, in_chan
         buffers=sum(b.numel() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in BN_STATISTICS),
         total_macs=sum(row.macs for row in rows),
     )
+
+
+def model_table(img_size: int = 299) -> str:
+    """A markdown table of every model: size, cost, feature maps and registered weights (the README's)."""
+    from .registry import create_model, list_models
+    from .weights import get_weights, list_weights
+
+    lines = [f"| model | parameters | GMACs at {img_size} | feature channels | feature strides | weights |",
+             "|---|---:|---:|---|---|---|"]
+    for name in list_models():
+        model = create_model(name)
+        summary = summarize(model, img_size)
+        channels = ", ".join(str(info["num_chs"]) for info in model.feature_info)
+        strides = ", ".join(str(info["reduction"]) for info in model.feature_info)
+        weights = []
+        for weights_name in list_weights(name):
+            registered = get_weights(name, weights_name)
+            metrics = registered.meta["metrics"]["ImageNet-1k"]
+            top5 = f" / top-5 {metrics['top5']}" if "top5" in metrics else ""
+            weights.append(f"`{weights_name}`: {registered.meta['source']}, top-1 {metrics['top1']}{top5}")
+        lines.append(f"| `{name}` | {summary.total_params:,} | {summary.total_macs / 1e9:.2f} | {channels} | "
+                     f"{strides} | {'; '.join(weights) or '-'} |")
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ from experiment_samples import COLOUR, FASHION, colour_folder
 import xception
 from xception import experiments
 from xception.experiments import ExperimentSettings
-from xception.recipes import get_recipe
+from xception.training.recipes import get_recipe
 
 
 def test_settings_presets_and_the_command_line():

@@ -14,10 +14,11 @@ import pytest
 from experiment_samples import FASHION, colour_folder
 
 import xception
-from xception import experiments, recipes
+from xception import experiments
 from xception.cli import build_parser, main
 from xception.experiments import ExperimentSettings, runner
-from xception.predict import load_trained
+from xception.inference import load_trained
+from xception.training import recipes
 
 TINY = ExperimentSettings(seeds=2, epochs=2, batch_size=16, benchmark=False)
 

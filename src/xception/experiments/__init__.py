@@ -12,7 +12,7 @@ on Fashion-MNIST or any ImageNet-layout folder, in minutes to hours on a CPU:
 - ``inception``: Xception against an Inception-V3-style network at the same parameter count (Table 1), and
   torchvision's Inception V3 against Xception at full size for parameters and training speed (Table 3).
 
-Every variant is trained with several seeds by :func:`xception.train.train`, the code behind ``xception train``,
+Every variant is trained with several seeds by :func:`xception.training.train`, the code behind ``xception train``,
 with the compact recipe unchanged except for the variant's architecture options. An experiment writes, in
 ``OUTPUT/NAME/``: ``curves.png`` (validation top-1 and training loss against the step, mean over seeds and their
 min-max band), ``results.md`` (parameters, final top-1 mean ± std, steps/s) and ``results.json`` (every number).

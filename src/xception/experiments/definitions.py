@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ImageDataset, load_fashion_mnist
-from ..recipes import get_recipe
+from ..errors import InvalidArgumentError
 from ..registry import create_model
-from ..train import TrainConfig
+from ..training import TrainConfig
+from ..training.recipes import get_recipe
 
 EXPERIMENT_NAMES = ("activation", "residual", "spectrum", "order", "inception")
 RECIPE = "compact"
@@ -50,11 +51,11 @@ class ExperimentSettings:
     def __post_init__(self) -> None:
         for name in ("seeds", "epochs", "benchmark_batch_size", "benchmark_repeats"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("train_subset", "val_subset", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 when given, got {value}")
+                raise InvalidArgumentError(f"{name} must be >= 1 when given, got {value}")
 
 
 FULL = ExperimentSettings()
@@ -111,12 +112,14 @@ def describe_data(settings: ExperimentSettings) -> DataInfo:
     batch_size = settings.batch_size or get_recipe(RECIPE).batch_size
     if train_images < batch_size:
         subset = f" (a subset of {settings.train_subset} requested)" if settings.train_subset else ""
-        raise ValueError(f"{settings.data} is too small for the experiments: its training split gives {train_images} "
-                         f"images{subset}, fewer than one batch of {batch_size}; every variant needs at least one "
-                         f"full batch per epoch (and many more for results worth reading)")
+        raise InvalidArgumentError(f"{settings.data} is too small for the experiments: its training split gives "
+                                   f"{train_images} images{subset}, fewer than one batch of {batch_size}; every "
+                                   "variant needs at least one full batch per epoch (and many more for results worth "
+                                   "reading)")
     if num_classes < 2:
-        raise ValueError(f"{settings.data} has {num_classes} class: the experiments compare classification accuracy "
-                         "and need at least 2 classes")
+        raise InvalidArgumentError(f"{settings.data} has {num_classes} class: the experiments compare classification "
+                                   f"accuracy "
+                                   "and need at least 2 classes")
     return DataInfo(settings.data, num_classes, in_chans, train_images, val_images, train_available, val_available)
 
 
@@ -188,7 +191,8 @@ def _spectrum_options(segments: int, target: int, info: DataInfo) -> dict[str, A
     """
     base = get_recipe(RECIPE).model_options
     if base["stem_widths"][1] % segments:
-        raise ValueError(f"{segments} segments do not divide the stem's {base['stem_widths'][1]} output channels")
+        raise InvalidArgumentError(f"{segments} segments do not divide the stem's {base['stem_widths'][1]} output "
+                                   f"channels")
 
     def scaled(factor: float, last: int | None = None) -> dict[str, Any]:
         def fit(width: int) -> int:

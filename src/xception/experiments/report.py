@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..recipes import get_recipe
+from ..training.recipes import get_recipe
 from .definitions import EXPERIMENT_NAMES, FULL, RECIPE, plural
 from .verdicts import ExperimentResult, percent
 

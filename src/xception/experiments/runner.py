@@ -1,4 +1,4 @@
-"""Running the experiments: every variant trained with every seed through :func:`xception.train.train`, judged, and
+"""Running the experiments: every variant trained with every seed through :func:`xception.training.train`, judged, and
 written out. Runs are cached in ``OUTPUT/runs/<variant>-<digest>/seed<k>`` (see :func:`_run_folder`)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..train import TrainConfig, train
+from ..errors import InvalidArgumentError
+from ..training import TrainConfig, train
 from .definitions import (
     EXPERIMENT_NAMES,
     EXPERIMENTS,
@@ -36,7 +37,8 @@ def _resolve_names(name: str) -> list[str]:
     if name == "all":
         return list(EXPERIMENT_NAMES)
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; valid experiments: {', '.join([*EXPERIMENT_NAMES, 'all'])}")
+        raise InvalidArgumentError(f"unknown experiment {name!r}; valid experiments: "
+                                   f"{', '.join([*EXPERIMENT_NAMES, 'all'])}")
     return [name]
 
 
@@ -96,7 +98,7 @@ def _run_folder(variant: Variant, seed: int, settings: ExperimentSettings, outpu
 
 def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings, output: Path, *,
                    report: Callable[[str], None] | None = None, tag: str = "") -> RunResult:
-    """One run through :func:`xception.train.train`; a finished run is read back, an interrupted one resumed."""
+    """One run through :func:`xception.training.train`; a finished run is read back, an interrupted one resumed."""
     folder = _run_folder(variant, seed, settings, output)
     record = folder / "experiment-run.json"
     if record.exists():

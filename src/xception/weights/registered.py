@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import WeightFileError, read_weights
-from .files import atomic_path
-from .hub import HubFile, WeightFile, fetch
-from .transforms import ClassificationTransform
+from ..data.transforms import ClassificationTransform
+from ..errors import InvalidArgumentError
+from ..files import atomic_path
+from .download import HubFile, WeightFile, fetch
+from .formats import WeightFileError, read_weights
 
 
 @cache
@@ -158,8 +159,8 @@ def get_weights(model: str, name: str = "default") -> Weights:
         return _REGISTRY[(model, name)]
     except KeyError:
         available = ", ".join(list_weights(model)) or "none"
-        raise ValueError(f"no weights named {name!r} for model {model!r}; registered: {available}; "
-                         "or pass the path of a weight file") from None
+        raise InvalidArgumentError(f"no weights named {name!r} for model {model!r}; registered: {available}; "
+                                   "or pass the path of a weight file") from None
 
 
 def load_weights(model: nn.Module, weights: str | Path) -> str:

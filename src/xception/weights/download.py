@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .files import atomic_path, write_text_atomic
+from ..errors import InvalidArgumentError, XceptionError
+from ..files import atomic_path, write_text_atomic
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 30.0
@@ -45,14 +46,15 @@ class WeightFile:
     def __post_init__(self) -> None:
         # Typos should fail where the file is declared, not as a "checksum mismatch" after a long download.
         if isinstance(self.urls, str) or not self.urls:
-            raise ValueError(f"{self.filename}: urls must be a non-empty tuple of URLs, got {self.urls!r}")
+            raise InvalidArgumentError(f"{self.filename}: urls must be a non-empty tuple of URLs, got {self.urls!r}")
         if self.md5 is None and self.sha256_prefix is None:
-            raise ValueError(f"{self.filename}: give an md5 or a sha256_prefix; an unpinned file is not accepted")
+            raise InvalidArgumentError(f"{self.filename}: give an md5 or a sha256_prefix; an unpinned file is not "
+                                       f"accepted")
         if self.md5 is not None and not re.fullmatch(r"[0-9a-f]{32}", self.md5):
-            raise ValueError(f"{self.filename}: md5 must be 32 lowercase hex digits, got {self.md5!r}")
+            raise InvalidArgumentError(f"{self.filename}: md5 must be 32 lowercase hex digits, got {self.md5!r}")
         if self.sha256_prefix is not None and not re.fullmatch(r"[0-9a-f]{8,64}", self.sha256_prefix):
-            raise ValueError(f"{self.filename}: sha256_prefix must be 8 to 64 lowercase hex digits, "
-                             f"got {self.sha256_prefix!r}")
+            raise InvalidArgumentError(f"{self.filename}: sha256_prefix must be 8 to 64 lowercase hex digits, "
+                                       f"got {self.sha256_prefix!r}")
 
     def checksum_problem(self, md5: str, sha256: str) -> str | None:
         """What is wrong with a file of these digests, or None when it is this file."""
@@ -131,7 +133,7 @@ class HubFile:
         return {"url": self.url, "sha256": sha256, "num_bytes": num_bytes}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(XceptionError, RuntimeError):
     """The weights cannot be had: offline, every URL failed, or a file is not the one expected.
 
     One exception type for all of these, because the remedy is the same: put the right file in place by hand.

@@ -1,4 +1,6 @@
-"""Using a trained model: load it from a run folder or a weight file, evaluate it on a data set, predict images."""
+"""Using a trained model: load it from a run folder, a weight file or registered weights, evaluate it on a data set
+(metrics and a confusion matrix), predict images. The command line's ``eval``, ``predict`` and ``export`` call these
+and only print."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_architecture
 from .data import (
     FASHION_MNIST_CLASSES,
     IMAGE_EXTENSIONS,
@@ -23,11 +24,17 @@ from .data import (
     eval_transform,
     load_fashion_mnist,
 )
+from .data.transforms import ImageError, open_image
+from .errors import InvalidArgumentError
+from .files import atomic_path
 from .registry import create_model
-from .transforms import ImageError, open_image
+from .training.checkpoint import read_architecture
+from .training.metrics import evaluate
 from .weights import get_weights, imagenet_categories
 
-log = logging.getLogger("xception.predict")
+CALIBRATION_IMAGES = 512  # int8 calibration: enough to settle the activation ranges
+
+log = logging.getLogger("xception.inference")
 
 
 @dataclass
@@ -147,7 +154,7 @@ def load_images(loaded: LoadedModel, files: Iterable[str | Path], limit: int) ->
         if len(tensors) == limit:
             break
     if not tensors:
-        raise ValueError("no readable images to calibrate int8 with")
+        raise InvalidArgumentError("no readable images to calibrate int8 with")
     return torch.stack(tensors)
 
 
@@ -195,3 +202,88 @@ def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
             flush()
     flush()
     return results
+
+
+def load_model(checkpoint: str | Path | None = None, model: str = "xception",
+               weights: str | None = None) -> LoadedModel:
+    """A training run or weight file (``checkpoint``), or registered ``weights`` of ``model``: exactly one."""
+    if (checkpoint is None) == (weights is None):
+        raise InvalidArgumentError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME "
+                                   "(e.g. --weights imagenet)")
+    return load_trained(checkpoint) if checkpoint is not None else load_registered(model, weights)
+
+
+def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_size: int = 64, workers: int = 0,
+                precision: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Top-1/top-5, loss, per-class accuracy and the confusion matrix of ``loaded`` on ``split`` of ``data``,
+    preprocessed with the model's own transform; and the data's class names. ``precision``: evaluate the model
+    deployed by :func:`xception.optimize_for_inference` (int8 calibrated on training images, never the evaluated
+    ones)."""
+    from torch.utils.data import DataLoader
+
+    from .data import ResumableSampler, collate_skipping
+
+    dataset = dataset_for(loaded, data, split)
+    if len(dataset.classes) != loaded.model.num_classes:
+        raise InvalidArgumentError(f"the data has {len(dataset.classes)} classes but the model "
+                                   f"{loaded.model.num_classes}")
+    # Registered weights name their classes (ImageNet's words), the folders by id (n01440764...): only the order,
+    # sorted folder names, can be relied on there.
+    generic = [str(i) for i in range(len(loaded.classes))]
+    if not loaded.registered and dataset.classes != loaded.classes and loaded.classes != generic:
+        raise InvalidArgumentError(f"the data's classes {dataset.classes[:5]}... differ from the model's "
+                                   f"{loaded.classes[:5]}...")
+    if precision is not None:  # after the checks above: int8 calibration takes a while
+        calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None
+        loaded = deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping,
+                        sampler=ResumableSampler(len(dataset), shuffle=False))
+    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"),
+                       channels_last=precision is None)
+    return metrics, dataset.classes
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
+    """The confusion matrix as a PNG (class names on the axes up to 40 classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = min(max(5, 0.45 * len(classes)), 20)  # 1000 classes would otherwise ask for a 45000-pixel square
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(confusion, cmap="Blues")
+    if len(classes) <= 40:
+        axis.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        axis.set_yticks(range(len(classes)), classes, fontsize=7)
+    axis.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    figure.colorbar(image)
+    figure.tight_layout()
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+    return path
+
+
+def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to an ONNX file's metadata_props (the file is rewritten atomically)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_path(path) as temporary:
+        onnx.save(model, str(temporary))
+
+
+def describe_preprocessing(preprocessing: dict[str, Any]) -> str:
+    """A LoadedModel's preprocessing in words: "RGB, resize the shorter side to 333 (bicubic), centre crop 299, ..."."""
+    resize = preprocessing["resize_size"]
+    if isinstance(resize, list):
+        resized = f"resize to {resize[0]}x{resize[1]}"
+    else:
+        resized = f"resize the shorter side to {resize}"
+    return (f"{'RGB' if len(preprocessing['mean']) == 3 else 'grayscale'}, {resized} "
+            f"({preprocessing['interpolation']}), centre crop {preprocessing['crop_size']}, scale to 0..1, "
+            f"normalise with mean {preprocessing['mean']} and std {preprocessing['std']}")

@@ -46,8 +46,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .convert import WeightFileError, read_safetensors_metadata
-from .files import sync_file, sync_folder
+from ..errors import InvalidArgumentError, XceptionError
+from ..files import sync_file, sync_folder
+from ..weights import WeightFileError, read_safetensors_metadata
 
 FORMAT = "xception-checkpoint"
 FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ TENSOR, NDARRAY, FLOAT, TUPLE, DICT = "__tensor__", "__ndarray__", "__float__", 
 MARKERS = frozenset({TENSOR, NDARRAY, FLOAT, TUPLE, DICT})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(XceptionError, RuntimeError):
     """A checkpoint that cannot be written or read: missing, truncated or corrupt files, a mismatched pair, an
     unknown format version, or a value that cannot be stored."""
 
@@ -237,8 +238,9 @@ def checkpoint_paths(directory: str | Path, name: str) -> tuple[Path, Path]:
     """The weights and state files of checkpoint ``name`` in ``directory``."""
     if (not name or name != Path(name).name or name.startswith(".") or name.endswith((".state", WEIGHTS_SUFFIX))
             or TEMP_INFIX in name):
-        raise ValueError(f"checkpoint name {name!r} should be a plain file name stem such as 'last' or 'best' "
-                         "(no folder, no leading dot, not ending in .state or .safetensors)")
+        raise InvalidArgumentError(f"checkpoint name {name!r} should be a plain file name stem such as 'last' or "
+                                   f"'best' "
+                                   "(no folder, no leading dot, not ending in .state or .safetensors)")
     directory = Path(directory)
     return directory / f"{name}{WEIGHTS_SUFFIX}", directory / f"{name}{STATE_SUFFIX}"
 

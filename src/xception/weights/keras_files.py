@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import WeightFileError
-from .layers import SeparableConv2d
+from ..errors import WeightFileError
+from ..layers import SeparableConv2d
 
 KERAS_FORMATS_READ = ("the official Keras 1 files, Keras 2/3 legacy HDF5 (save_weights('x.h5')), Keras 3 "
                       "weights (save_weights('x.weights.h5')) and .keras archives")

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -88,7 +90,7 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str, **overrides: Any) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
+        raise InvalidArgumentError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))}")
     recipe = RECIPES[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("model", recipe.model) != recipe.model:

@@ -1,0 +1,37 @@
+"""Data: Fashion-MNIST and image folders, a resumable sampler, the one image decoder, and the transforms.
+
+- :mod:`.fashion_mnist`: the IDX files (Debian's package, or torchvision's downloader).
+- :mod:`.datasets`: :class:`ImageDataset` (in memory or a folder), :class:`ResumableSampler`, skipping collation.
+- :mod:`.transforms`: :func:`decode_image`, the evaluation preprocessing of registered weights
+  (:class:`ClassificationTransform`), and the training and evaluation transforms of training runs.
+"""
+
+from .datasets import IMAGE_EXTENSIONS, ImageDataset, ResumableSampler, SampleKey, collate_skipping
+from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from .transforms import (
+    ClassificationTransform,
+    ImageError,
+    Transform,
+    decode_image,
+    eval_transform,
+    open_image,
+    train_transform,
+)
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "IMAGE_EXTENSIONS",
+    "ClassificationTransform",
+    "ImageDataset",
+    "ImageError",
+    "ResumableSampler",
+    "SampleKey",
+    "Transform",
+    "collate_skipping",
+    "decode_image",
+    "eval_transform",
+    "load_fashion_mnist",
+    "open_image",
+    "train_transform",
+]

@@ -1,0 +1,68 @@
+"""The data of a training run: train and validation sets with their transforms, sharded samplers, loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import (
+    FASHION_MNIST_CLASSES,
+    ImageDataset,
+    ResumableSampler,
+    collate_skipping,
+    eval_transform,
+    load_fashion_mnist,
+    train_transform,
+)
+from .recipes import Recipe
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .loop import Distributed
+
+
+def build_datasets(config: TrainConfig, recipe: Recipe, distributed: Distributed,
+                   ) -> tuple[ImageDataset, ImageDataset, ResumableSampler, ResumableSampler]:
+    """Train and validation sets and their samplers; errors about the data come here, before any training.
+
+    The training sampler shards in chunks of one batch: the ranks' batches of a step form the same global batch
+    as one process would see."""
+    train, val = load_split_datasets(config, recipe)
+    train_sampler = ResumableSampler(len(train), shuffle=True, seed=config.seed, rank=distributed.rank,
+                                     world_size=distributed.world_size, drop_last=True, chunk=recipe.batch_size)
+    val_sampler = ResumableSampler(len(val), shuffle=False, rank=distributed.rank, world_size=distributed.world_size)
+    return train, val, train_sampler, val_sampler
+
+
+def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
+    if config.data == "fashion-mnist":
+        images, labels = load_fashion_mnist("train")
+        if config.train_subset:
+            images, labels = images[: config.train_subset], labels[: config.train_subset]
+        test_images, test_labels = load_fashion_mnist("test")
+        if config.val_subset:
+            test_images, test_labels = test_images[: config.val_subset], test_labels[: config.val_subset]
+        classes = list(FASHION_MNIST_CLASSES)
+        train = ImageDataset.in_memory(images, labels, train_transform(recipe.img_size, 1, recipe.augmentation),
+                                       classes, seed=config.seed)
+        val = ImageDataset.in_memory(test_images, test_labels, eval_transform(recipe.img_size, 1), classes)
+        return train, val
+    root = Path(config.data)
+    # The folder's channel count is known once it is scanned, and the transforms depend on it.
+    train = ImageDataset.from_folder(root, "train", None, seed=config.seed)
+    val = ImageDataset.from_folder(root, "val", None, classes=train.classes)
+    train.transform = train_transform(recipe.img_size, train.in_chans, recipe.augmentation)
+    val.transform = eval_transform(recipe.img_size, train.in_chans, recipe.eval_resize_ratio)
+    val.in_chans = train.in_chans
+    return train, val
+
+
+def make_loader(dataset: ImageDataset, sampler: ResumableSampler, batch_size: int, workers: int,
+                drop_last: bool = False) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global RNG, or a resumed run (which
+    # creates its iterator at another moment) would see different dropout masks.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,365 @@
+"""The training loop: one readable function, every knob visible in :class:`~xception.training.config.TrainConfig`.
+
+Runs on one process or, under ``torchrun``, as DistributedDataParallel (gloo on CPU, NCCL on CUDA): each rank sees
+its shard of the data, gradients are averaged (once per optimizer step: accumulation micro-steps skip the
+all-reduce), and only rank 0 writes files.
+
+Resuming is exact: the learning rate is a function of the step, the sampler can start mid-epoch, each sample's
+augmentation is seeded by (seed, epoch, index), and the checkpoint carries the RNG states and the whole
+:class:`RunState`. With ``deterministic=True`` a run killed at any point and resumed ends with the same weights,
+bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..errors import InvalidArgumentError, XceptionError
+from ..files import write_text_atomic
+from ..precision import get_precision
+from ..registry import create_model
+from .checkpoint import TrainingState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import TrainConfig
+from .data import build_datasets, make_loader
+from .metrics import MetricsLogger, evaluate, plot_history
+from .recipes import Recipe
+from .step import forward_backward, optimizer_step
+
+log = logging.getLogger("xception.train")
+
+
+class TrainingError(XceptionError, RuntimeError):
+    """The run cannot go on (a non-finite loss, data that does not fit the checkpoint); the last good
+    checkpoint is kept."""
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> tuple[Distributed, torch.device]:
+    """Join the process group ``torchrun`` describes in the environment (a plain run is rank 0 of 1), and pick
+    this process's device: its own GPU (``LOCAL_RANK``), set as the current one so NCCL uses it, or the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Distributed(), device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+# --- model averaging -------------------------------------------------------------------------------
+
+class ModelEMA:
+    """Polyak averaging of the weights (the paper evaluates with it). BatchNorm statistics are averaged too.
+    The decay ramps up as ``(1 + step) / (10 + step)`` so that early averages are not dominated by the
+    random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for averaged, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if averaged.dtype.is_floating_point:
+                averaged.lerp_(current.detach(), 1 - decay)
+            else:
+                averaged.copy_(current)
+
+
+# --- the run's state ---------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """Where a run stands; saved whole with every checkpoint, so a resumed run continues exactly."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    position: int = 0  # samples of this epoch already consumed (by this rank)
+    best_top1: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    # This epoch's running sums, so that a resumed epoch reports what an uninterrupted one would.
+    totals: dict[str, float] = field(default_factory=lambda: {"seen": 0, "loss_sum": 0.0, "correct": 0,
+                                                              "skipped": 0})
+
+    def new_epoch(self) -> None:
+        self.epoch, self.position = self.epoch + 1, 0
+        self.totals = RunState().totals
+
+    def train_loss(self) -> float:
+        return self.totals["loss_sum"] / max(self.totals["seen"], 1)
+
+
+@dataclass
+class Trainer:
+    """What a step needs besides the data: the model and everything that updates it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+
+
+def save_run(name: str, run: RunState, trainer: Trainer, config: TrainConfig,
+             weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Checkpoint ``name`` (rank 0 only); ``weights`` replaces the model's in the weights file (``best`` takes the
+    evaluated weights: the EMA's when averaging is on)."""
+    model = trainer.model
+    # A step with a finite loss can still overflow the weights: never let such weights replace a good file.
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.dtype.is_floating_point):
+        raise TrainingError(f"non-finite weights after step {run.step} (epoch {run.epoch + 1}); the last good "
+                            f"checkpoint in {config.output} is kept: lower the learning rate or use --clip-grad-norm")
+    state = TrainingState(
+        epoch=run.epoch, step=run.step, position=run.position, best_top1=run.best_top1,
+        model=weights if weights is not None else model.state_dict(),
+        ema=trainer.ema.module.state_dict() if trainer.ema else None, optimizer=trainer.optimizer.state_dict(),
+        scheduler=None, grad_scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+        rng=capture_rng_state(),
+        extra={"history": run.history, "epoch_totals": run.totals,
+               "config": {k: str(v) for k, v in config.to_json().items()}})
+    save_checkpoint(config.output, name, state, architecture=model.architecture(), model_name=model.model_name)
+
+
+def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunState:
+    """The state of the run in ``config.output`` (the trainer loaded with it), or a fresh one."""
+    if not (config.output / "last.safetensors").exists():
+        if config.resume:
+            log.info("nothing to resume in %s: starting afresh", config.output)
+        return RunState()
+    state = load_checkpoint(config.output, "last")
+    head = state.model.get("head.predictions.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise TrainingError(f"the checkpoint in {config.output} has {head.shape[0]} classes but the data has "
+                            f"{num_classes}: use another --output, or the data it was trained on")
+    trainer.model.load_state_dict(state.model)
+    trainer.optimizer.load_state_dict(state.optimizer)
+    if trainer.ema is not None and state.ema is not None:
+        trainer.ema.module.load_state_dict(state.ema)
+    if state.grad_scaler:
+        trainer.scaler.load_state_dict(state.grad_scaler)
+    restore_rng_state(state.rng)
+    log.info("resumed %s at epoch %d, step %d", config.output, state.epoch, state.step)
+    return RunState(state.epoch, state.step, state.position, state.best_top1, state.extra.get("history", []),
+                    state.extra.get("epoch_totals", RunState().totals))
+
+
+# --- building a run ----------------------------------------------------------------------------------
+
+def build_trainer(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int, device: torch.device,
+                  distributed: Distributed) -> Trainer:
+    options = {**recipe.model_options, **config.model_options}
+    model = create_model(recipe.model, num_classes=num_classes, in_chans=in_chans, drop_rate=recipe.drop_rate,
+                         **options).to(device)
+    if config.sync_bn and distributed.world_size > 1:
+        if device.type == "cpu":
+            raise InvalidArgumentError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Trainer(model, make_optimizer(recipe, model), torch.amp.GradScaler(device.type,
+                   enabled=recipe.precision == "fp16"), ModelEMA(model, recipe.ema_decay) if recipe.ema_decay else None)
+
+
+def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    # Weight decay applies to weights, not to BN parameters and biases (as Keras's kernel regularizers do).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    if recipe.optimizer == "rmsprop":
+        # TensorFlow's RMSprop defaults (decay 0.9, epsilon 1.0 in the Inception recipes' slim code use 1.0).
+        return torch.optim.RMSprop(groups, lr=recipe.lr, alpha=0.9, eps=1.0, momentum=recipe.momentum)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=recipe.lr)
+    raise InvalidArgumentError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) a run in ``config.output``. Returns the final metrics, the per-epoch history and the
+    step log (``steps_log``: loss and learning rate every 20 steps, as in ``metrics.jsonl``)."""
+    recipe = config.resolved_recipe()
+    distributed, device = init_distributed()
+    get_precision(recipe.precision, device)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    seed_everything(config.seed + distributed.rank)
+
+    train_set, val_set, train_sampler, val_sampler = build_datasets(config, recipe, distributed)
+    num_classes = len(train_set.classes)
+    trainer = build_trainer(config, recipe, num_classes, train_set.in_chans, device, distributed)
+    model, ema = trainer.model, trainer.ema
+    batch_size, accumulation = recipe.batch_size, config.grad_accumulation
+    micro_per_epoch = len(train_sampler) // batch_size // accumulation * accumulation
+    if micro_per_epoch == 0:
+        raise InvalidArgumentError(f"the training set ({len(train_set)} images) is smaller than one global batch "
+                                   f"({batch_size * accumulation * distributed.world_size}): lower --batch-size")
+    steps_per_epoch = micro_per_epoch // accumulation
+    total_steps = min(steps_per_epoch * recipe.epochs, config.max_steps or steps_per_epoch * recipe.epochs)
+    global_batch = batch_size * accumulation * distributed.world_size
+    run = resume_run(trainer, config, num_classes) if config.resume else RunState()
+
+    wrapped = DistributedDataParallel(model) if distributed.world_size > 1 else model
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    if distributed.is_main:
+        write_text_atomic(config.output / "config.json", json_text(
+            {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
+             "in_chans": train_set.in_chans}))
+    logger = MetricsLogger(config.output, enabled=distributed.is_main)
+    steps_log: list[dict[str, Any]] = []
+    started = time.monotonic()
+    val_loader = make_loader(val_set, val_sampler, batch_size, config.workers)
+    stop_reason = None
+
+    while stop_reason is None:
+        train_sampler.set_epoch(run.epoch)
+        train_sampler.set_start(run.position)
+        loader = make_loader(train_set, train_sampler, batch_size, config.workers, drop_last=True)
+        model.train()
+        micro = run.position // batch_size  # micro-batches of this epoch already done
+        bar = tqdm(total=steps_per_epoch, initial=micro // accumulation, unit="step",
+                   desc=f"epoch {run.epoch + 1}/{recipe.epochs}",
+                   disable=not (config.progress and distributed.is_main), dynamic_ncols=True)
+        batches = iter(loader)
+        while micro < micro_per_epoch and stop_reason is None:
+            images, labels, num_skipped = next(batches)
+            micro += 1
+            run.position += batch_size
+            run.totals["skipped"] += num_skipped
+            last_micro_step = micro % accumulation == 0
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            sync = contextlib.nullcontext() if last_micro_step or distributed.world_size == 1 else wrapped.no_sync()
+            if len(labels):
+                with sync:
+                    loss, logits = forward_backward(
+                        forward, *to_device(images, labels, device, config.channels_last),
+                        precision=recipe.precision, scaler=trainer.scaler, label_smoothing=recipe.label_smoothing,
+                        accumulation=accumulation)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch "
+                                        f"{run.epoch + 1}); the last good checkpoint in {config.output} is kept: "
+                                        "lower the learning rate or use --clip-grad-norm")
+                run.totals["seen"] += len(labels)
+                run.totals["loss_sum"] += loss.item() * len(labels)
+                run.totals["correct"] += (logits.argmax(1).cpu() == labels).sum().item()
+            if not last_micro_step:
+                continue
+            lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, total_steps)
+            optimizer_step(model, trainer.optimizer, trainer.scaler, lr=lr, clip_grad_norm=recipe.clip_grad_norm)
+            run.step += 1
+            if ema is not None:
+                ema.update(model, run.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.train_loss():.3f}", lr=f"{lr:.4g}")
+            if run.step % 20 == 0:
+                record = {"step": run.step, "epoch": run.epoch + micro / micro_per_epoch,
+                          "train_loss": run.train_loss(), "lr": lr}
+                steps_log.append(record)
+                logger.log(record)
+            stop_reason = stop_check(config, run, total_steps, started, mid_epoch=micro < micro_per_epoch)
+            if stop_reason is None and run.step % config.checkpoint_every == 0 and distributed.is_main:
+                save_run("last", run, trainer, config)
+        bar.close()
+        if micro == micro_per_epoch:  # the epoch is complete: evaluate, record, checkpoint
+            end_epoch(run, trainer, config, recipe, val_loader, num_classes, device, distributed, logger, started)
+            if stop_reason is None and (run.epoch >= recipe.epochs or run.step >= total_steps):
+                stop_reason = "finished"
+        if distributed.is_main:
+            save_run("last", run, trainer, config)
+
+    logger.close()
+    if distributed.is_main and run.history:
+        plot_history(run.history, config.output / "curves.png")
+    if distributed.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, "best_top1": run.best_top1,
+            "history": run.history, "steps_log": steps_log, "stopped": stop_reason}
+
+
+def stop_check(config: TrainConfig, run: RunState, total_steps: int, started: float, mid_epoch: bool) -> str | None:
+    """Why the run stops after this step, or None. The last step of the run, when it ends an epoch, is a normal
+    finish (after that epoch's evaluation), not a stop."""
+    if config.max_minutes is not None and time.monotonic() - started > 60 * config.max_minutes:
+        return f"time limit of {config.max_minutes} minutes"
+    if run.step >= total_steps and mid_epoch:
+        return f"max_steps={config.max_steps}"
+    return None
+
+
+def end_epoch(run: RunState, trainer: Trainer, config: TrainConfig, recipe: Recipe, val_loader: Any,
+              num_classes: int, device: torch.device, distributed: Distributed, logger: MetricsLogger,
+              started: float) -> None:
+    """Evaluate (the EMA weights where there are some), record the epoch, keep the best weights."""
+    evaluated = trainer.ema.module if trainer.ema is not None else trainer.model
+    metrics = evaluate(evaluated, val_loader, num_classes, device, recipe.precision, config.channels_last,
+                       world_size=distributed.world_size)
+    record = {"epoch": run.epoch + 1, "step": run.step, "train_loss": run.train_loss(),
+              "train_top1": run.totals["correct"] / max(run.totals["seen"], 1), "val_loss": metrics["loss"],
+              "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+              "skipped_images": run.totals["skipped"] + metrics["skipped"],
+              "minutes": (time.monotonic() - started) / 60}
+    run.history.append(record)
+    logger.log(record)
+    if distributed.is_main:
+        log.info("epoch %d: val top-1 %.4f top-5 %.4f", run.epoch + 1, metrics["top1"], metrics["top5"])
+    run.new_epoch()
+    if run.best_top1 is None or metrics["top1"] > run.best_top1:
+        run.best_top1 = metrics["top1"]
+        if distributed.is_main:
+            save_run("best", run, trainer, config, evaluated.state_dict() if trainer.ema is not None else None)
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device)
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2)

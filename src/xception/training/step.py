@@ -1,0 +1,52 @@
+"""One training step, the one ``xception train``, ``xception benchmark --mode train`` and the training profile run.
+
+A step is split where gradient accumulation needs it: :func:`forward_backward` for each micro-batch, then
+:func:`optimizer_step` once the micro-batches of an optimizer step are in; :func:`train_step` is both, for a
+step without accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..precision import autocast
+
+
+def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, precision: str,
+                     scaler: torch.amp.GradScaler, label_smoothing: float = 0.0,
+                     accumulation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward under autocast, cross-entropy in float32, backward of the loss scaled for accumulation (and for
+    fp16 loss scaling). Returns the unscaled loss and the logits, detached. A non-finite loss is returned before
+    its backward, for the caller to stop on."""
+    with autocast(images.device, precision):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    if torch.isfinite(loss):
+        scaler.scale(loss / accumulation).backward()
+    return loss.detach(), logits.detach()
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                   lr: float | None = None, clip_grad_norm: float | None = None) -> None:
+    """Set the learning rate (if given), clip the gradient norm (if asked), step, and clear the gradients."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               images: torch.Tensor, labels: torch.Tensor, *, precision: str, label_smoothing: float = 0.0,
+               clip_grad_norm: float | None = None) -> torch.Tensor:
+    """One optimizer step on one batch; returns the loss."""
+    loss, _ = forward_backward(model, images, labels, precision=precision, scaler=scaler,
+                               label_smoothing=label_smoothing)
+    optimizer_step(model, optimizer, scaler, clip_grad_norm=clip_grad_norm)
+    return loss
