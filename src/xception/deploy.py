@@ -164,10 +164,10 @@ def _mark_batch(x: torch.Tensor) -> tuple[torch.Tensor, str]:
     A batch of two or more is marked dynamic: one graph with a symbolic batch size serves them all. Dynamo
     specialises a dimension of size 1, so a batch of one gets its own graph, exactly the one a batch-1
     ``example_input`` compiles. At most two graphs per image size, and no padding. Measured on Xception at
-    299x299, int8, one thread of a 2-core EPYC (median of interleaved calls, ms): the symbolic graph at batch 8
-    472 against 460 for a graph compiled for 8 (within the noise of a shared machine; fp32 the same), so one
-    graph per batch size would buy little for 10-15 s of compilation each; a graph with an unbacked batch
-    (``mark_unbacked``), which would also take batch 1, runs batch 1 in 67 against 57 for the batch-1 graph.
+    299x299, int8, 2-core EPYC (median of interleaved calls, ms): the symbolic graph at batch 8 240 against 239
+    for a graph compiled for 8 (fp32 alike), so a graph per batch size would buy nothing for its 5-15 s of
+    compilation; a graph with an unbacked batch (``mark_unbacked``), which would also take batch 1, runs it in
+    41.5 against 36.8 for the batch-1 graph.
     """
     if len(x) < 2:
         return x, "x".join(map(str, x.shape))
