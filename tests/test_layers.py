@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import keras
 import numpy as np
@@ -234,7 +235,8 @@ def test_mid_activation_runs_between_the_two_convolutions(order: str, mid: str, 
 
 
 def test_mid_bn_normalizes_between_the_two_convolutions() -> None:
-    layer = SeparableConv2d(4, 6, 3, mid_activation="bn", bn_eps=1e-3).eval()
+    # A non-default eps shows that the BN is the one norm_layer builds.
+    layer = SeparableConv2d(4, 6, 3, mid_activation="bn", norm_layer=partial(nn.BatchNorm2d, eps=0.05)).eval()
     with torch.no_grad():
         layer.mid_norm.running_mean.normal_()
         layer.mid_norm.running_var.uniform_(0.5, 2)
@@ -244,7 +246,7 @@ def test_mid_bn_normalizes_between_the_two_convolutions() -> None:
         mid = layer.mid_norm
         between = layer.depthwise(x)
         normalized = (between - mid.running_mean.view(1, -1, 1, 1)) / torch.sqrt(mid.running_var.view(1, -1, 1, 1)
-                                                                                  + 1e-3)
+                                                                                  + 0.05)
         expected = layer.pointwise(normalized * mid.weight.view(1, -1, 1, 1) + mid.bias.view(1, -1, 1, 1))
         torch.testing.assert_close(layer(x), expected)
 

@@ -173,6 +173,21 @@ def test_residual_false_removes_exactly_the_shortcuts() -> None:
         assert n_params(create_model("xception", residual=False)) == 22_855_952 - SHORTCUT_PARAMS
 
 
+def block_layers(net: xception.Xception) -> dict[str, list[str]]:
+    return {name: [n for n, _ in block.layers.named_children()] for name, block in net.blocks.named_children()
+            if name != "block1"}
+
+
+def test_residual_false_keeps_each_modules_layers() -> None:
+    # Without shortcuts block2 is still an entry-flow module (no ReLU after its last BN), not block14's
+    # SepConv-BN-ReLU form, although neither starts with a ReLU nor has a shortcut.
+    layers = block_layers(small())
+    assert block_layers(small(residual=False)) == layers
+    assert layers["block2"] == ["sepconv1", "sepconv1_bn", "sepconv2_act", "sepconv2", "sepconv2_bn", "pool"]
+    last = list(layers.values())[-1]  # block14 of the full network
+    assert last == ["sepconv1", "sepconv1_bn", "sepconv1_act", "sepconv2", "sepconv2_bn", "sepconv2_act"]
+
+
 @pytest.mark.parametrize("mid", ["relu", "elu"])
 def test_mid_activation_changes_outputs_not_counts(mid: str) -> None:
     model = calibrated(small(middle_repeats=1))
@@ -281,6 +296,16 @@ def test_numerics() -> None:
         # Even sizes (80 -> 37, 19, 10, 5): TensorFlow pads after, PyTorch on both sides.
         x = images(2, (80, 80))
         assert relative_error(timm_net(x), keras_net(x)) > 0.05
+
+
+def test_bn_momentum_reaches_every_batch_norm() -> None:
+    config = xception.XceptionConfig(numerics="timm", bn_momentum=0.3)
+    made = config.norm_layer()(8)
+    assert isinstance(made, nn.BatchNorm2d) and made.num_features == 8 and (made.eps, made.momentum) == (1e-5, 0.3)
+    net = small(numerics="timm", bn_momentum=0.3, mid_activation="bn")
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 2 + 10 + 10 + 4  # stem, after and inside each separable conv, shortcuts
+    assert all((m.eps, m.momentum) == (1e-5, 0.3) for m in norms)
 
 
 def test_unknown_option_lists_valid_ones() -> None:

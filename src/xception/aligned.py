@@ -18,8 +18,18 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
-from .layers import SeparableConv2d
+from .backbone import (
+    BlockPlan,
+    BlockSpec,
+    ClassifierHead,
+    ResidualBlock,
+    XceptionBase,
+    feature_info,
+    named,
+    plan_blocks,
+    tap_indices,
+)
+from .layers import MidOperation, NormLayer, SeparableConv2d
 
 BN_MOMENTUM = 0.1  # timm's, which trained the ra3 weights
 
@@ -38,65 +48,81 @@ ENTRY_41_65 = [(128, 2), (256, 2), (728, 2)]
 ENTRY_71 = [(128, 2), (256, 1), (256, 2), (728, 1), (728, 2)]  # 71 splits each stride from its widening
 
 
-def aligned_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
-                  *, eps: float) -> ResidualBlock:
-    """``(ReLU, SepConv[dw BN], BN) x 3`` with the stride in the last conv; a block that does not start with
-    ReLU has BN + ReLU between depthwise and pointwise and a ReLU after each BN instead."""
+def separable(plan: BlockPlan, i: int, in_channels: int, mid: MidOperation, norm_layer: NormLayer) -> SeparableConv2d:
+    """The ``i``-th (from 1) separable conv of a block: the block's stride, if any, goes in the last."""
+    stride = plan.stride if i == len(plan.spec.widths) else 1
+    return SeparableConv2d(in_channels, plan.spec.widths[i - 1], 3, stride=stride, dilation=plan.dilations[i - 1],
+                           mid_activation=mid, padding="symmetric", norm_layer=norm_layer)
+
+
+def shortcut_needed(plan: BlockPlan) -> bool:
+    # A nominal stride turned into dilation still gets its 1x1 conv: the weights have one.
+    return plan.spec.skip and (plan.stride > 1 or plan.spec.stride > 1 or plan.in_channels != plan.spec.widths[-1])
+
+
+def aligned_module(plan: BlockPlan, *, norm_layer: NormLayer) -> ResidualBlock:
+    """Entry, middle and the exit flow's first module: ``(ReLU, SepConv[dw BN], BN) x 3`` and a 1x1 conv + BN
+    shortcut where the shape changes."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    channels = in_channels
-    for i, width in enumerate(spec.widths, start=1):
-        if spec.preact:
-            layers[f"sepconv{i}_act"] = nn.ReLU(inplace=i > 1)  # the first keeps the input for the shortcut
-        layers[f"sepconv{i}"] = SeparableConv2d(
-            channels, width, 3, stride=plan.stride if i == len(spec.widths) else 1,
-            dilation=plan.dilation * rates[i - 1], mid_activation="bn" if spec.preact else "bn_relu",
-            padding="symmetric", bn_eps=eps, bn_momentum=BN_MOMENTUM)
-        layers[f"sepconv{i}_bn"] = nn.BatchNorm2d(width, eps=eps, momentum=BN_MOMENTUM)
-        if not spec.preact:
-            layers[f"sepconv{i}_act"] = nn.ReLU(inplace=True)
+    channels = plan.in_channels
+    for i, width in enumerate(plan.spec.widths, start=1):
+        layers[f"sepconv{i}_act"] = nn.ReLU(inplace=i > 1)  # the first keeps the input for the shortcut
+        layers[f"sepconv{i}"] = separable(plan, i, channels, "bn", norm_layer)
+        layers[f"sepconv{i}_bn"] = norm_layer(width)
         channels = width
     shortcut = None
-    if spec.skip and (plan.stride > 1 or spec.stride > 1 or in_channels != channels):
+    if shortcut_needed(plan):
         shortcut = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(in_channels, channels, 1, stride=plan.stride, bias=False),
-            bn=nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)))
-    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, drop_path=drop_path)
+            conv=nn.Conv2d(plan.in_channels, channels, 1, stride=plan.stride, bias=False),
+            bn=norm_layer(channels)))
+    return ResidualBlock(layers, channels, skip=plan.spec.skip, shortcut=shortcut, drop_path=plan.drop_path)
 
 
-def preact_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
-                 *, eps: float) -> ResidualBlock:
-    """BN + ReLU on the block input (which the shortcut takes too), then three plain separable convs with
-    BN + ReLU between them; the shortcut is a bare 1x1 conv."""
+def aligned_last_module(plan: BlockPlan, *, norm_layer: NormLayer) -> ResidualBlock:
+    """The exit flow's last module: ``(SepConv[dw BN ReLU], BN, ReLU) x 3``, no shortcut. It ends on a ReLU,
+    so the features need no final activation."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    channels = in_channels
-    for i, width in enumerate(spec.widths, start=1):
+    channels = plan.in_channels
+    for i, width in enumerate(plan.spec.widths, start=1):
+        layers[f"sepconv{i}"] = separable(plan, i, channels, "bn_relu", norm_layer)
+        layers[f"sepconv{i}_bn"] = norm_layer(width)
+        layers[f"sepconv{i}_act"] = nn.ReLU(inplace=True)
+        channels = width
+    return ResidualBlock(layers, channels, skip=False)
+
+
+def preact_module(plan: BlockPlan, *, norm_layer: NormLayer) -> ResidualBlock:
+    """Every block of a pre-activation network, the last too (it only lacks the shortcut): BN + ReLU on the
+    block input (which the shortcut takes too), then three plain separable convs with BN + ReLU between
+    them; the shortcut is a bare 1x1 conv."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = plan.in_channels
+    for i, width in enumerate(plan.spec.widths, start=1):
         if i > 1:
-            layers[f"sepconv{i}_norm"] = nn.BatchNorm2d(channels, eps=eps, momentum=BN_MOMENTUM)
+            layers[f"sepconv{i}_norm"] = norm_layer(channels)
             layers[f"sepconv{i}_norm_act"] = nn.ReLU(inplace=True)
-        layers[f"sepconv{i}"] = SeparableConv2d(
-            channels, width, 3, stride=plan.stride if i == len(spec.widths) else 1,
-            dilation=plan.dilation * rates[i - 1], padding="symmetric")
+        layers[f"sepconv{i}"] = separable(plan, i, channels, None, norm_layer)
         channels = width
     shortcut = None
-    if spec.skip and (plan.stride > 1 or spec.stride > 1 or in_channels != channels):
-        shortcut = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, channels, 1, stride=plan.stride,
-                                                            bias=False)))
-    entry = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(in_channels, eps=eps, momentum=BN_MOMENTUM),
-                                      act=nn.ReLU(inplace=True)))
-    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, entry=entry, drop_path=drop_path)
+    if shortcut_needed(plan):
+        shortcut = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(plan.in_channels, channels, 1, stride=plan.stride, bias=False)))
+    entry = nn.Sequential(OrderedDict(bn=norm_layer(plan.in_channels), act=nn.ReLU(inplace=True)))
+    return ResidualBlock(layers, channels, skip=plan.spec.skip, shortcut=shortcut, entry=entry,
+                         drop_path=plan.drop_path)
 
 
 class AlignedStem(nn.Sequential):
     """Two 3x3 convolutions (the first with stride 2), padded symmetrically; in pre-activation networks the
     second has no BN or ReLU, since the first block starts with them."""
 
-    def __init__(self, in_chans: int, eps: float, preact: bool) -> None:
+    def __init__(self, in_chans: int, norm_layer: NormLayer, preact: bool) -> None:
         super().__init__(OrderedDict(
             conv1=nn.Conv2d(in_chans, 32, 3, stride=2, padding=1, bias=False),
-            conv1_bn=nn.BatchNorm2d(32, eps=eps, momentum=BN_MOMENTUM),
+            conv1_bn=norm_layer(32),
             conv1_act=nn.ReLU(inplace=True),
             conv2=nn.Conv2d(32, 64, 3, padding=1, bias=False),
-            conv2_bn=nn.Identity() if preact else nn.BatchNorm2d(64, eps=eps, momentum=BN_MOMENTUM),
+            conv2_bn=nn.Identity() if preact else norm_layer(64),
             conv2_act=nn.Identity() if preact else nn.ReLU(inplace=True),
         ))
         self.out_channels = 64
@@ -113,11 +139,25 @@ class XceptionAligned(XceptionBase):
                          output_stride=output_stride, multi_grid=multi_grid, drop_path_rate=drop_path_rate)
         self.preact = preact
         self.min_input_size = 32  # final feature map at least 1x1
-        make_block = partial(preact_block if preact else aligned_block, eps=bn_eps)
+        norm_layer = partial(nn.BatchNorm2d, eps=bn_eps, momentum=BN_MOMENTUM)
+        plans = plan_blocks(specs, first_number=1, stem_channels=64, stem_reduction=2, output_stride=output_stride,
+                            multi_grid=multi_grid, drop_path_rate=drop_path_rate)
+        *modules, last = plans
+        module = partial(preact_module if preact else aligned_module, norm_layer=norm_layer)
+        last_module = partial(preact_module if preact else aligned_last_module, norm_layer=norm_layer)
+        self.blocks = nn.Sequential(OrderedDict([
+            ("stem", AlignedStem(in_chans, norm_layer, preact)),
+            *named(module, modules),  # entry flow, middle flow, the exit flow's first module
+            (last.name, last_module(last)),  # no shortcut
+        ]))
         # Pre-activation blocks end on a sum: the network's output still needs its ReLU.
-        final_act = nn.ReLU() if preact else nn.Identity()
-        self.build(("stem", AlignedStem(in_chans, bn_eps, preact)), 2, specs, make_block, final_act=final_act,
-                   first_number=1, global_pool=global_pool, fc_layers=(), drop_rate=drop_rate)
+        self.final_act = nn.ReLU() if preact else nn.Identity()
+        self.num_features = last.spec.widths[-1]
+        self.feature_info = feature_info(self.blocks, plans, stem_reduction=2)
+        self.tap_blocks = tap_indices(self.blocks, self.feature_info)
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate=drop_rate)
+        self.head_hidden_size = self.head.hidden_size
+        self.reset_parameters()
 
 
 def build(name: str, specs: list[BlockSpec], preact: bool, bn_eps: float, options: dict[str, Any]) -> XceptionAligned:

@@ -2,8 +2,8 @@
 (``forward_features`` / ``forward_head``, multi-scale features, output stride, gradient checkpointing).
 
 A network is ``blocks`` (an ``nn.Sequential`` whose first entry is the stem) followed by ``final_act`` and
-``head``. Feature taps are the outputs of the last block at each stride (2, 4, 8, 16, 32): see
-:attr:`XceptionBase.feature_info`.
+``head``. Its ``__init__`` lays the blocks out with :func:`plan_blocks`, builds them, and derives
+:func:`feature_info` from them: the outputs of the last block at each stride (2, 4, 8, 16, 32).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,22 +35,30 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Where a block sits once the output stride is fixed: later strides become dilation, as in DeepLab."""
+    """A block placed in a network once the output stride is fixed: later strides become dilation, as in
+    DeepLab. Everything a block builder needs."""
 
+    name: str  # its key in ``blocks``, hence in the state dict
+    spec: BlockSpec
+    in_channels: int
     stride: int  # the stride the block really applies (1 where it was turned into dilation)
-    dilation: int  # dilation of its spatial convolutions
+    dilations: tuple[int, ...]  # of each separable convolution (output stride, times multi-grid in the last)
+    drop_path: float  # stochastic depth rate of its residual branch
     reduction: int  # input pixels per output pixel after the block
     nominal_reduction: int  # the same at output stride 32
 
 
-def plan_blocks(specs: list[BlockSpec], stem_reduction: int, output_stride: int,
-                multi_grid: tuple[int, ...] | None = None) -> list[BlockPlan]:
-    """Strides and dilations of each block for ``output_stride``; ``multi_grid`` multiplies the last block's
-    dilation (one rate per separable conv; checked by the caller)."""
+def plan_blocks(specs: list[BlockSpec], *, first_number: int, stem_channels: int, stem_reduction: int,
+                output_stride: int, multi_grid: tuple[int, ...] | None, drop_path_rate: float) -> list[BlockPlan]:
+    """Name the blocks after the stem ``block<first_number>``... and place them: input channels, strides and
+    dilations for ``output_stride``, ``multi_grid`` rates in the last block, stochastic depth rates."""
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-    plans, reduction, nominal, dilation = [], stem_reduction, stem_reduction, 1
-    for spec in specs:
+    last_rates = check_multi_grid(multi_grid, specs[-1])
+    path_rates = drop_path_rates(drop_path_rate, specs)
+    plans: list[BlockPlan] = []
+    channels, reduction, nominal, dilation = stem_channels, stem_reduction, stem_reduction, 1
+    for i, (spec, path_rate) in enumerate(zip(specs, path_rates, strict=True)):
         stride = spec.stride
         block_dilation = dilation
         nominal *= spec.stride
@@ -57,8 +66,16 @@ def plan_blocks(specs: list[BlockSpec], stem_reduction: int, output_stride: int,
             dilation *= spec.stride  # the blocks after this one see the resolution it did not halve
             stride = 1
         reduction *= stride
-        plans.append(BlockPlan(stride, block_dilation, reduction, nominal))
+        rates = last_rates if i == len(specs) - 1 else (1,) * len(spec.widths)
+        plans.append(BlockPlan(f"block{first_number + i}", spec, channels, stride,
+                               tuple(block_dilation * rate for rate in rates), path_rate, reduction, nominal))
+        channels = spec.widths[-1]
     return plans
+
+
+def named(build: Callable[[BlockPlan], nn.Module], plans: list[BlockPlan]) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` pairs, built in order, ready for ``nn.Sequential(OrderedDict([...]))``."""
+    return [(plan.name, build(plan)) for plan in plans]
 
 
 def check_multi_grid(multi_grid: tuple[int, ...] | None, last: BlockSpec) -> tuple[int, ...]:
@@ -160,20 +177,28 @@ def check_head_arguments(num_classes: int, global_pool: str, drop_rate: float, h
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
 
 
-def feature_taps(plans: list[BlockPlan], stem_reduction: int) -> list[int]:
-    """Block indices (0 = stem) whose outputs are the features: the last block at each nominal stride."""
-    reductions = [stem_reduction] + [plan.nominal_reduction for plan in plans]
-    return [i for i in range(len(reductions)) if i + 1 == len(reductions) or reductions[i + 1] != reductions[i]]
+def feature_info(blocks: nn.Sequential, plans: list[BlockPlan], stem_reduction: int) -> list[dict[str, Any]]:
+    """The feature maps in timm's format: the output of the last block at each nominal stride, the stem's
+    first. ``blocks`` is the stem followed by the blocks of ``plans``."""
+    names = [name for name, _ in blocks.named_children()]
+    nominal = [stem_reduction] + [plan.nominal_reduction for plan in plans]
+    reduction = [stem_reduction] + [plan.reduction for plan in plans]
+    return [{"num_chs": blocks[i].out_channels, "reduction": reduction[i], "module": f"blocks.{names[i]}"}
+            for i in range(len(names)) if i + 1 == len(names) or nominal[i + 1] != nominal[i]]
 
 
-MakeBlock = Callable[[int, BlockSpec, BlockPlan, tuple[int, ...], float], nn.Module]
+def tap_indices(blocks: nn.Sequential, info: list[dict[str, Any]]) -> list[int]:
+    """Indices into ``blocks`` of the feature maps ``info``: the forward passes tap them by position."""
+    names = [f"blocks.{name}" for name, _ in blocks.named_children()]
+    return [names.index(entry["module"]) for entry in info]
 
 
 class XceptionBase(nn.Module):
     """The backbone API shared by every network of the family.
 
-    A subclass calls :meth:`build` with its stem, its block configuration, a block factory and its final
-    activation, and sets ``min_input_size``; the rest (blocks, feature taps, head) is assembled here.
+    A subclass's ``__init__`` sets ``min_input_size`` and builds, in this order (parameters are created, hence
+    seeded, in it): ``blocks`` (stem first), ``final_act``, ``num_features``, ``feature_info`` and
+    ``tap_blocks``, ``head`` and ``head_hidden_size``; then calls :meth:`reset_parameters`.
     """
 
     def __init__(self, *, model_name: str, num_classes: int, in_chans: int, output_stride: int,
@@ -189,35 +214,6 @@ class XceptionBase(nn.Module):
         self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
         self.pretrained_weights = None  # the registered Weights once loaded (their transforms(), metadata)
-
-    def build(self, stem: tuple[str, nn.Module], stem_reduction: int, specs: list[BlockSpec],
-              make_block: MakeBlock, *, final_act: nn.Module, first_number: int, global_pool: str,
-              fc_layers: tuple[int, ...], drop_rate: float) -> None:
-        """Stem, then ``block<first_number>``... from ``specs`` (strides turned into dilation beyond the output
-        stride, multi-grid rates in the last block, stochastic depth), the feature taps, and the head."""
-        plans = plan_blocks(specs, stem_reduction, self.output_stride)
-        last_rates = check_multi_grid(self.multi_grid, specs[-1])
-        path_rates = drop_path_rates(self.drop_path_rate, specs)
-        blocks: OrderedDict[str, nn.Module] = OrderedDict([stem])
-        channels = stem[1].out_channels
-        for i, (spec, plan, path_rate) in enumerate(zip(specs, plans, path_rates, strict=True)):
-            rates = last_rates if i == len(specs) - 1 else (1,) * len(spec.widths)
-            block = make_block(channels, spec, plan, rates, path_rate)
-            blocks[f"block{first_number + i}"] = block
-            channels = block.out_channels
-        self.blocks = nn.Sequential(blocks)
-        self.final_act = final_act
-        self.num_features = channels
-        self.tap_blocks = feature_taps(plans, stem_reduction)
-        names = list(blocks)
-        self.feature_info = [
-            {"num_chs": blocks[names[i]].out_channels,
-             "reduction": stem_reduction if i == 0 else plans[i - 1].reduction,
-             "module": f"blocks.{names[i]}"}
-            for i in self.tap_blocks]
-        self.head = ClassifierHead(self.num_features, self.num_classes, global_pool, fc_layers, drop_rate)
-        self.head_hidden_size = self.head.hidden_size
-        self.reset_parameters()
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take, naming what was expected."""

@@ -11,6 +11,8 @@ knobs; :class:`SpectrumConv2d` is the same layer with the paper's spectrum defau
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 import torch
@@ -23,6 +25,12 @@ Padding = Literal["same", "symmetric"]
 
 MID_OPERATIONS = (None, "relu", "elu", "bn", "bn_relu")
 ORDERS = ("depthwise_first", "pointwise_first")
+
+# Builds the normalisation of a given number of channels, e.g. ``partial(nn.BatchNorm2d, eps=1e-5)``: one
+# argument carries every BN setting of a network, however deep the layer that needs it.
+NormLayer = Callable[[int], nn.Module]
+# Keras's BatchNormalization defaults: eps 1e-3, momentum 0.99 (PyTorch counts momentum the other way).
+keras_batch_norm: NormLayer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
 
 
 def tf_same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
@@ -141,14 +149,14 @@ class DropPath(nn.Module):
         return f"rate={self.rate}"
 
 
-def make_mid_operations(mid: MidOperation, channels: int, bn_eps: float = 1e-3,
-                        bn_momentum: float = 0.01) -> tuple[nn.Module, nn.Module]:
+def make_mid_operations(mid: MidOperation, channels: int,
+                        norm_layer: NormLayer = keras_batch_norm) -> tuple[nn.Module, nn.Module]:
     """The (normalisation, activation) pair between the two halves of a separable convolution."""
     if mid not in MID_OPERATIONS:
         raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
     norm: nn.Module = nn.Identity()
     if mid in ("bn", "bn_relu"):
-        norm = nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+        norm = norm_layer(channels)
     activation: nn.Module = nn.Identity()
     if mid in ("relu", "bn_relu"):
         activation = nn.ReLU(inplace=True)
@@ -173,6 +181,8 @@ class SeparableConv2d(nn.Module):
         bias: add a bias to whichever convolution comes last.
         padding: ``"same"`` (TensorFlow-exact, asymmetric where TensorFlow is) or ``"symmetric"``
             (PyTorch's ``(stride - 1 + dilation * (k - 1)) // 2`` on both sides, as timm's models use).
+        norm_layer: builds the BatchNorm of ``mid_activation="bn"`` or ``"bn_relu"`` from its channels
+            (default: Keras's settings, eps 1e-3 and momentum 0.01).
 
     :meth:`count_parameters` gives the parameter count in closed form.
     """
@@ -180,7 +190,7 @@ class SeparableConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                  dilation: int = 1, depth_multiplier: int = 1, order: Order = "depthwise_first",
                  mid_activation: MidOperation = None, segments: int | None = None, bias: bool = False,
-                 padding: Padding = "same", bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
+                 padding: Padding = "same", norm_layer: NormLayer = keras_batch_norm) -> None:
         super().__init__()
         if padding not in ("same", "symmetric"):
             raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
@@ -211,11 +221,11 @@ class SeparableConv2d(nn.Module):
                                 bias=spatial_bias)
         if order == "depthwise_first":
             self.depthwise = spatial
-            self.mid_norm, self.mid = make_mid_operations(mid_activation, spatial_out, bn_eps, bn_momentum)
+            self.mid_norm, self.mid = make_mid_operations(mid_activation, spatial_out, norm_layer)
             self.pointwise = nn.Conv2d(spatial_out, out_channels, 1, bias=bias)
         else:
             self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-            self.mid_norm, self.mid = make_mid_operations(mid_activation, out_channels, bn_eps, bn_momentum)
+            self.mid_norm, self.mid = make_mid_operations(mid_activation, out_channels, norm_layer)
             self.depthwise = spatial
 
     @staticmethod
@@ -253,7 +263,7 @@ class SpectrumConv2d(SeparableConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, segments: int,
                  stride: int = 1, dilation: int = 1, mid_activation: MidOperation = None, bias: bool = False,
-                 bn_eps: float = 1e-3, bn_momentum: float = 0.01) -> None:
+                 norm_layer: NormLayer = keras_batch_norm) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
                          order="pointwise_first", mid_activation=mid_activation, segments=segments, bias=bias,
-                         bn_eps=bn_eps, bn_momentum=bn_momentum)
+                         norm_layer=norm_layer)

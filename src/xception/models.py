@@ -25,8 +25,18 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .backbone import BlockPlan, BlockSpec, ResidualBlock, XceptionBase
-from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, Order, SeparableConv2d, same_conv2d
+from .backbone import (
+    BlockPlan,
+    BlockSpec,
+    ClassifierHead,
+    ResidualBlock,
+    XceptionBase,
+    feature_info,
+    named,
+    plan_blocks,
+    tap_indices,
+)
+from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
 
 Numerics = Literal["keras", "timm"]
 
@@ -83,15 +93,21 @@ class XceptionConfig:
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
 
-    def batch_norm_settings(self) -> tuple[float, float]:
-        """(eps, momentum) of every BatchNorm."""
+    def norm_layer(self) -> NormLayer:
+        """Builds every BatchNorm of the network: the numerics' eps, and their momentum unless overridden."""
         numerics = NUMERICS[self.numerics]
         momentum = numerics["bn_momentum"] if self.bn_momentum is None else self.bn_momentum
-        return numerics["bn_eps"], momentum
+        return partial(nn.BatchNorm2d, eps=numerics["bn_eps"], momentum=momentum)
+
+    def max_pool(self, stride: int) -> nn.Module:
+        """The 3x3 max-pool of a module that halves the resolution (``stride`` 1 where that became dilation)."""
+        if NUMERICS[self.numerics]["tf_same_pool"]:
+            return MaxPool2dSame(3, stride)
+        return nn.MaxPool2d(3, stride, padding=1)
 
     def block_specs(self) -> list[BlockSpec]:
         """Every block after the stem, in order: entry flow, middle flow, exit flow, and the last module
-        (two separable convolutions followed by ReLU, no residual)."""
+        (block14: two separable convolutions followed by ReLU, no residual)."""
         entry = [BlockSpec((w, w), stride=2, preact=i > 0, skip=self.residual)
                  for i, w in enumerate(self.entry_widths)]
         middle_width = self.entry_widths[-1]
@@ -120,53 +136,62 @@ class Stem(nn.Sequential):
     """block1: two 3x3 convolutions, the first with stride 2 (valid padding in the paper's network), each
     followed by BN and ReLU. A Sequential, so that every conv -> BN pair is visible to BN folding."""
 
-    def __init__(self, in_chans: int, widths: tuple[int, int], eps: float, momentum: float, stride: int = 2,
+    def __init__(self, in_chans: int, widths: tuple[int, int], norm_layer: NormLayer, stride: int = 2,
                  padding: str = "valid") -> None:
         conv1 = same_conv2d(in_chans, widths[0], 3, stride=stride, bias=False) if padding == "same" else \
             nn.Conv2d(in_chans, widths[0], 3, stride=stride, bias=False)
         super().__init__(OrderedDict(
             conv1=conv1,
-            conv1_bn=nn.BatchNorm2d(widths[0], eps=eps, momentum=momentum),
+            conv1_bn=norm_layer(widths[0]),
             conv1_act=nn.ReLU(inplace=True),
             conv2=nn.Conv2d(widths[0], widths[1], 3, padding=1 if padding == "same" else 0, bias=False),
-            conv2_bn=nn.BatchNorm2d(widths[1], eps=eps, momentum=momentum),
+            conv2_bn=norm_layer(widths[1]),
             conv2_act=nn.ReLU(inplace=True),
         ))
         self.out_channels = widths[1]
 
 
-def xception_block(in_channels: int, spec: BlockSpec, plan: BlockPlan, rates: tuple[int, ...], drop_path: float,
-                   *, config: XceptionConfig) -> ResidualBlock:
-    """``[ReLU] SepConv BN (ReLU SepConv BN)* [MaxPool]`` plus a shortcut; the last module instead has a
-    ReLU after each BN. Names are the Keras layer names within the block."""
-    numerics = NUMERICS[config.numerics]
-    eps, momentum = config.batch_norm_settings()
+def separable(in_channels: int, out_channels: int, dilation: int, config: XceptionConfig,
+              norm_layer: NormLayer) -> SeparableConv2d:
+    return SeparableConv2d(in_channels, out_channels, 3, dilation=dilation, order=config.order,
+                           mid_activation=config.mid_activation, segments=config.segments, norm_layer=norm_layer)
+
+
+def xception_module(plan: BlockPlan, *, config: XceptionConfig, norm_layer: NormLayer) -> ResidualBlock:
+    """block2..block13: ``[ReLU] SepConv BN (ReLU SepConv BN)* [MaxPool]`` plus a shortcut, a 1x1 conv + BN
+    where the shape changes. Names are the Keras layer names within the block."""
+    spec = plan.spec
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    channels = in_channels
-    post_activation = not spec.skip and not spec.preact  # the last module: SepConv, BN, ReLU
+    channels = plan.in_channels
     for i, width in enumerate(spec.widths, start=1):
-        if not post_activation and (i > 1 or spec.preact):
+        if i > 1 or spec.preact:  # block2's input is the stem's, already activated
             # The first ReLU must not work in place: the shortcut still needs the block's input.
             layers[f"sepconv{i}_act"] = nn.ReLU(inplace=i > 1)
-        layers[f"sepconv{i}"] = SeparableConv2d(
-            channels, width, 3, dilation=plan.dilation * rates[i - 1], order=config.order,
-            mid_activation=config.mid_activation, segments=config.segments, bn_eps=eps, bn_momentum=momentum)
-        layers[f"sepconv{i}_bn"] = nn.BatchNorm2d(width, eps=eps, momentum=momentum)
-        if post_activation:
-            layers[f"sepconv{i}_act"] = nn.ReLU(inplace=True)
+        layers[f"sepconv{i}"] = separable(channels, width, plan.dilations[i - 1], config, norm_layer)
+        layers[f"sepconv{i}_bn"] = norm_layer(width)
         channels = width
     if spec.stride == 2:
         # At an output stride below 32 the pool keeps the resolution (stride 1) and later blocks dilate.
-        if numerics["tf_same_pool"]:
-            layers["pool"] = MaxPool2dSame(3, plan.stride)
-        else:
-            layers["pool"] = nn.MaxPool2d(3, plan.stride, padding=1)
+        layers["pool"] = config.max_pool(plan.stride)
     shortcut = None
-    if spec.skip and (spec.stride > 1 or in_channels != channels):
+    if spec.skip and (spec.stride > 1 or plan.in_channels != channels):
         shortcut = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(in_channels, channels, 1, stride=plan.stride, bias=False),
-            bn=nn.BatchNorm2d(channels, eps=eps, momentum=momentum)))
-    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, drop_path=drop_path)
+            conv=nn.Conv2d(plan.in_channels, channels, 1, stride=plan.stride, bias=False),
+            bn=norm_layer(channels)))
+    return ResidualBlock(layers, channels, skip=spec.skip, shortcut=shortcut, drop_path=plan.drop_path)
+
+
+def block14(plan: BlockPlan, *, config: XceptionConfig, norm_layer: NormLayer) -> ResidualBlock:
+    """The exit flow's last module (block14 at 8 middle-flow repeats): ``SepConv BN ReLU`` per width, no
+    shortcut. It ends the network on a ReLU, so the features need no final activation."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = plan.in_channels
+    for i, width in enumerate(plan.spec.widths, start=1):
+        layers[f"sepconv{i}"] = separable(channels, width, plan.dilations[i - 1], config, norm_layer)
+        layers[f"sepconv{i}_bn"] = norm_layer(width)
+        layers[f"sepconv{i}_act"] = nn.ReLU(inplace=True)
+        channels = width
+    return ResidualBlock(layers, channels, skip=False)
 
 
 class Xception(XceptionBase):
@@ -190,11 +215,31 @@ class Xception(XceptionBase):
         config = config or XceptionConfig()
         self.config = config
         self.min_input_size = config.min_input_size()
-        stem = Stem(in_chans, config.stem_widths, *config.batch_norm_settings(), config.stem_stride,
-                    config.stem_padding)
-        self.build(("block1", stem), config.stem_stride, config.block_specs(),
-                   partial(xception_block, config=config), final_act=nn.Identity(),  # block14 ends with ReLU
-                   first_number=2, global_pool=global_pool, fc_layers=config.fc_layers, drop_rate=drop_rate)
+        norm_layer = config.norm_layer()
+        plans = plan_blocks(config.block_specs(), first_number=2, stem_channels=config.stem_widths[1],
+                            stem_reduction=config.stem_stride, output_stride=output_stride, multi_grid=multi_grid,
+                            drop_path_rate=drop_path_rate)
+        entries = len(config.entry_widths)
+        entry, middle, (exit_module, last) = plans[:entries], plans[entries:-2], plans[-2:]
+        module = partial(xception_module, config=config, norm_layer=norm_layer)
+        # Figure 5 top to bottom, under Keras's block names.
+        self.blocks = nn.Sequential(OrderedDict([
+            # entry flow
+            ("block1", Stem(in_chans, config.stem_widths, norm_layer, config.stem_stride, config.stem_padding)),
+            *named(module, entry),
+            # middle flow
+            *named(module, middle),
+            # exit flow
+            *named(module, [exit_module]),
+            (last.name, block14(last, config=config, norm_layer=norm_layer)),
+        ]))
+        self.final_act = nn.Identity()  # block14 ends with its own ReLU
+        self.num_features = config.tail_widths[-1]
+        self.feature_info = feature_info(self.blocks, plans, stem_reduction=config.stem_stride)
+        self.tap_blocks = tap_indices(self.blocks, self.feature_info)
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, config.fc_layers, drop_rate)
+        self.head_hidden_size = self.head.hidden_size
+        self.reset_parameters()
 
     def architecture(self) -> dict[str, Any]:
         """The arguments that rebuild this architecture with ``create_model``, saved with its weights."""
