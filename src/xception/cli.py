@@ -205,10 +205,7 @@ def command_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xception", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_summary_command(commands: Any) -> None:
     summary = commands.add_parser("summary", help="layer table: output shapes, parameters, MACs")
     summary.add_argument("model", choices=list_models())
     summary.add_argument("--img-size", type=int, default=299, help="input height (and width) in pixels")
@@ -220,18 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(run=command_summary)
 
+
+def add_models_command(commands: Any) -> None:
     models = commands.add_parser("models", help="list models and their registered weights")
     models.add_argument("--markdown", action="store_true",
                         help="print the README's model table (parameters, MACs, feature maps, weights)")
     models.add_argument("--img-size", type=int, default=299, help="input size for the MACs column")
     models.set_defaults(run=command_models)
 
+
+def add_train_command(commands: Any) -> None:
     from .training.config import add_train_arguments
 
     train = commands.add_parser("train", help="train a model (default: compact recipe on Fashion-MNIST)")
     add_train_arguments(train, list_models())
     train.set_defaults(run=command_train)
 
+
+def add_eval_command(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix")
     evaluate.add_argument("--checkpoint", help="a run folder or a weights file")
     evaluate.add_argument("--weights", help="registered weights of --model, e.g. imagenet, with their own "
@@ -249,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "calibrated on 512 training images")
     evaluate.set_defaults(run=command_eval)
 
+
+def add_predict_command(commands: Any) -> None:
     pred = commands.add_parser("predict", help="top-k classes of images or folders of images")
     pred.add_argument("inputs", nargs="+", type=Path)
     pred.add_argument("--checkpoint", help="a run folder or a weights file")
@@ -261,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "calibrated on the given images)")
     pred.set_defaults(run=command_predict)
 
+
+def add_benchmark_command(commands: Any) -> None:
     bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
     bench.add_argument("--model", default="xception", choices=list_models())
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
@@ -287,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     bench.set_defaults(run=command_benchmark)
 
+
+def add_export_command(commands: Any) -> None:
     export = commands.add_parser("export", help="export to ONNX (dynamic batch), checked with onnxruntime")
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument("--checkpoint", help="a run folder or a weights file")
@@ -298,12 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare with PyTorch in onnxruntime (default: on)")
     export.set_defaults(run=command_export)
 
+
+def add_convert_command(commands: Any) -> None:
     convert = commands.add_parser("convert", help="convert Keras .h5 or timm/Cadene .pth weights to safetensors")
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
     convert.add_argument("--model", default="xception", choices=list_models())
     convert.set_defaults(run=command_convert)
 
+
+def add_experiment_command(commands: Any) -> None:
     experiment = commands.add_parser("experiment", help="test the paper's claims at small scale: curves, tables, "
                                                         "verdicts")
     experiment.add_argument("name", help="activation, residual, spectrum, order, inception or all")
@@ -316,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
                             help="runs, curves, tables and JSON go here; finished runs in it are reused")
     experiment.add_argument("--docs", type=Path, help="also write DOCS/paper-reproduction.md and DOCS/figures/")
     experiment.set_defaults(run=command_experiment)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xception", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_summary_command(commands)
+    add_models_command(commands)
+    add_train_command(commands)
+    add_eval_command(commands)
+    add_predict_command(commands)
+    add_benchmark_command(commands)
+    add_export_command(commands)
+    add_convert_command(commands)
+    add_experiment_command(commands)
     return parser
 
 

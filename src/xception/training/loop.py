@@ -13,6 +13,8 @@ bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import os
 import random
@@ -82,8 +84,6 @@ class ModelEMA:
     random initialisation."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
         self.decay = decay
         self.module = copy.deepcopy(model).eval()
         for parameter in self.module.parameters():
@@ -117,6 +117,11 @@ class RunState:
     def new_epoch(self) -> None:
         self.epoch, self.position = self.epoch + 1, 0
         self.totals = RunState().totals
+
+    def count_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.totals["seen"] += len(labels)
+        self.totals["loss_sum"] += loss.item() * len(labels)
+        self.totals["correct"] += (logits.argmax(1).cpu() == labels.cpu()).sum().item()
 
     def train_loss(self) -> float:
         return self.totals["loss_sum"] / max(self.totals["seen"], 1)
@@ -243,9 +248,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     wrapped = DistributedDataParallel(model) if distributed.world_size > 1 else model
     forward = torch.compile(wrapped) if config.compile else wrapped
     if distributed.is_main:
-        write_text_atomic(config.output / "config.json", json_text(
+        write_text_atomic(config.output / "config.json", json.dumps(
             {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
-             "in_chans": train_set.in_chans}))
+             "in_chans": train_set.in_chans}, indent=2))
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
     steps_log: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -280,9 +285,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch "
                                         f"{run.epoch + 1}); the last good checkpoint in {config.output} is kept: "
                                         "lower the learning rate or use --clip-grad-norm")
-                run.totals["seen"] += len(labels)
-                run.totals["loss_sum"] += loss.item() * len(labels)
-                run.totals["correct"] += (logits.argmax(1).cpu() == labels).sum().item()
+                run.count_batch(loss, logits, labels)
             if not last_micro_step:
                 continue
             lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, total_steps)
@@ -358,8 +361,3 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device)
 
-
-def json_text(value: Any) -> str:
-    import json
-
-    return json.dumps(value, indent=2)
