@@ -23,6 +23,7 @@ from torch import nn
 
 import xception
 from xception.weights import download as hub
+from xception.weights import loading as weights_loading
 from xception.weights import registered as weights_module
 from xception.weights.download import WeightsUnavailableError
 
@@ -298,7 +299,7 @@ def local_tf_in1k(served: ServedFile, monkeypatch: pytest.MonkeyPatch) -> Served
         assert file == expected
         return served.path
 
-    monkeypatch.setattr(weights_module, "fetch", fetch)
+    monkeypatch.setattr(weights_loading, "fetch", fetch)
     return served
 
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import xception
-from xception import backbone
-from xception.backbone import FeatureExtractor, ResidualBlock
 from xception.layers import DropPath, MaxPool2dSame
+from xception.models import backbone
+from xception.models.backbone import FeatureExtractor, ResidualBlock
 
 ALL_MODELS = ["xception", "xception41", "xception65", "xception71", "xception41p", "xception65p"]
 ALIGNED = ["xception41", "xception65", "xception71", "xception41p", "xception65p"]

@@ -1,15 +1,42 @@
-"""xception: the Xception network and the depthwise separable convolutions around it, exact to the paper."""
+"""xception: the Xception network and the depthwise separable convolutions around it, exact to the paper.
 
-from .aligned import XceptionAligned
-from .backbone import BlockSpec, FeatureExtractor, XceptionBase
-from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
-from .errors import WeightFileError, XceptionError
-from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
-from .models import Xception, XceptionConfig
-from .registry import create_model, list_models
-from .weights import Weights, get_weights, list_weights, load_weights, save_weights
+The public names below are imported on first use (PEP 562), so that ``import xception`` and the command line's
+``--help`` start without loading torch; ``xception.create_model`` and the rest behave as plain attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Each public name and the module that defines it.
+_EXPORTS = {
+    "BlockSpec": "models.backbone",
+    "FeatureExtractor": "models.backbone",
+    "XceptionBase": "models.backbone",
+    "Xception": "models.xception",
+    "XceptionConfig": "models.xception",
+    "XceptionAligned": "models.aligned",
+    "create_model": "models.registry",
+    "list_models": "models.registry",
+    "Conv2dSame": "layers",
+    "MaxPool2dSame": "layers",
+    "SeparableConv2d": "layers",
+    "SpectrumConv2d": "layers",
+    "tf_same_padding": "layers",
+    "WeightFileError": "errors",
+    "XceptionError": "errors",
+    "Weights": "weights",
+    "get_weights": "weights",
+    "list_weights": "weights",
+    "load_weights": "weights",
+    "save_weights": "weights",
+    "export_onnx": "deploy",
+    "fold_batchnorm": "deploy",
+    "optimize_for_inference": "deploy",
+}
 
 __all__ = [
     "BlockSpec",
@@ -36,3 +63,26 @@ __all__ = [
     "save_weights",
     "tf_same_padding",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'xception' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
+    from .errors import WeightFileError, XceptionError
+    from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
+    from .models.aligned import XceptionAligned
+    from .models.backbone import BlockSpec, FeatureExtractor, XceptionBase
+    from .models.registry import create_model, list_models
+    from .models.xception import Xception, XceptionConfig
+    from .weights import Weights, get_weights, list_weights, load_weights, save_weights

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError, XceptionError
-from .registry import list_models
+from .models import list_models
 
 PREDICT_BATCH = 16
 
@@ -31,7 +31,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def command_summary(args: argparse.Namespace) -> int:
-    from .registry import create_model
+    from .models import create_model
     from .summary import summarize
 
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **parse_options(args.set))
@@ -98,7 +98,7 @@ def command_export(args: argparse.Namespace) -> int:
     """ONNX with a dynamic batch dimension, checked against PyTorch in onnxruntime when it is installed."""
     from .deploy import check_onnx, export_onnx
     from .inference import add_onnx_metadata, describe_preprocessing, load_model
-    from .registry import create_model
+    from .models import create_model
 
     loaded = None
     if args.checkpoint is not None or args.weights is not None:

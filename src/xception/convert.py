@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from .errors import InvalidArgumentError
-from .registry import create_model
+from .models import create_model
 from .weights import read_safetensors_metadata, read_weights, save_weights
 
 

@@ -27,7 +27,7 @@ from .data import (
 from .data.transforms import ImageError, open_image
 from .errors import InvalidArgumentError
 from .files import atomic_path
-from .registry import create_model
+from .models import create_model
 from .training.checkpoint import read_architecture
 from .training.metrics import evaluate
 from .weights import get_weights, imagenet_categories

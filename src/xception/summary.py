@@ -203,7 +203,7 @@ def summarize(model: nn.Module, input_size: tuple[int, int] | int = 299, in_chan
 
 def model_table(img_size: int = 299) -> str:
     """A markdown table of every model: size, cost, feature maps and registered weights (the README's)."""
-    from .registry import create_model, list_models
+    from .models import create_model, list_models
     from .weights import get_weights, list_weights
 
     lines = [f"| model | parameters | GMACs at {img_size} | feature channels | feature strides | weights |",

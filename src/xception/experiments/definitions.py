@@ -11,7 +11,7 @@ from typing import Any
 
 from ..data import ImageDataset, load_fashion_mnist
 from ..errors import InvalidArgumentError
-from ..registry import create_model
+from ..models import create_model
 from ..training import TrainConfig
 from ..training.recipes import get_recipe
 

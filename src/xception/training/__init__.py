@@ -9,13 +9,18 @@
 - :mod:`.metrics`: :func:`evaluate`, the metrics log and the curves.
 """
 
-from .checkpoint import CheckpointError, TrainingState, load_checkpoint, read_architecture, save_checkpoint
-from .config import TrainConfig
-from .loop import TrainingError, train
-from .metrics import evaluate
-from .recipes import RECIPES, Recipe, get_recipe
-from .step import train_step
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use, so that the command line can build its ``train`` flags from :mod:`.config` without torch.
+_EXPORTS = {
+    "CheckpointError": "state_codec", "TrainingState": "checkpoint", "load_checkpoint": "checkpoint",
+    "read_architecture": "checkpoint", "save_checkpoint": "checkpoint", "TrainConfig": "config",
+    "TrainingError": "loop", "train": "loop", "evaluate": "metrics", "RECIPES": "recipes", "Recipe": "recipes",
+    "get_recipe": "recipes", "train_step": "step",
+}
 __all__ = [
     "RECIPES",
     "CheckpointError",
@@ -31,3 +36,21 @@ __all__ = [
     "train",
     "train_step",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .checkpoint import TrainingState, load_checkpoint, read_architecture, save_checkpoint
+    from .config import TrainConfig
+    from .loop import TrainingError, train
+    from .metrics import evaluate
+    from .recipes import RECIPES, Recipe, get_recipe
+    from .state_codec import CheckpointError
+    from .step import train_step

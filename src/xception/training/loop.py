@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
+from ..models import create_model
 from ..precision import get_precision
-from ..registry import create_model
 from .checkpoint import TrainingState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import build_datasets, make_loader

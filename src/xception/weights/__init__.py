@@ -1,24 +1,25 @@
 """Pretrained weights: the registered sets, the formats they and users' files come in, and their download.
 
-- :mod:`.registered`: :class:`Weights` entries (files, checksums, metadata, transforms), loading and saving.
+- :mod:`.registered`: the table of :class:`Weights` (files, checksums, metadata, transforms).
+- :mod:`.loading`: loading a registered name or a file into a model, all or nothing; saving.
 - :mod:`.formats`: reading any supported file into this library's state-dict names, without touching a model;
   :mod:`.keras_files` reads Keras's formats (the official 2016 files included).
 - :mod:`.download`: pinned, cached, verified downloads.
 """
 
-from .download import HubFile, WeightFile, WeightsUnavailableError, fetch
-from .formats import WeightFileError, read_safetensors_metadata, read_weights
-from .registered import (
-    DEFAULT_WEIGHTS,
-    WEIGHTS,
-    Weights,
-    get_weights,
-    imagenet_categories,
-    list_weights,
-    load_weights,
-    save_weights,
-)
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use: the table of registered weights (``xception models``) needs no torch.
+_EXPORTS = {
+    "HubFile": "download", "WeightFile": "download", "WeightsUnavailableError": "download", "fetch": "download",
+    "WeightFileError": "formats", "read_safetensors_metadata": "formats", "read_weights": "formats",
+    "load_weights": "loading", "save_weights": "loading", "DEFAULT_WEIGHTS": "registered", "WEIGHTS": "registered",
+    "Weights": "registered", "get_weights": "registered", "imagenet_categories": "registered",
+    "list_weights": "registered",
+}
 __all__ = [
     "DEFAULT_WEIGHTS",
     "WEIGHTS",
@@ -36,3 +37,25 @@ __all__ = [
     "read_weights",
     "save_weights",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from .download import HubFile, WeightFile, WeightsUnavailableError, fetch
+    from .formats import WeightFileError, read_safetensors_metadata, read_weights
+    from .loading import load_weights, save_weights
+    from .registered import (
+        DEFAULT_WEIGHTS,
+        WEIGHTS,
+        Weights,
+        get_weights,
+        imagenet_categories,
+        list_weights,
+    )

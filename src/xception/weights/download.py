@@ -22,7 +22,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ..errors import InvalidArgumentError, XceptionError
@@ -143,6 +142,8 @@ class WeightsUnavailableError(XceptionError, RuntimeError):
 def cache_dir() -> Path:
     """Where weights are cached: torch hub's ``checkpoints``, as torchvision and timm use, so that ``TORCH_HOME``
     or ``torch.hub.set_dir`` moves them all together."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ..layers import MidOperation, NormLayer, SeparableConv2d
 from .backbone import (
     BlockPlan,
     BlockSpec,
@@ -29,7 +30,6 @@ from .backbone import (
     plan_blocks,
     tap_indices,
 )
-from .layers import MidOperation, NormLayer, SeparableConv2d
 
 BN_MOMENTUM = 0.1  # timm's, which trained the ra3 weights
 

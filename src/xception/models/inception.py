@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError, UnknownOptionError
 from .backbone import ClassifierHead
-from .errors import InvalidArgumentError, UnknownOptionError
 
 # Inception V3's widths (branches of its Mixed_5b..7c modules), scaled by ``width``.
 STEM_WIDTHS = (32, 32, 64, 80, 192)

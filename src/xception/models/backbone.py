@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath
+from ..layers import DropPath
 
 GLOBAL_POOLS = ("avg", "max", "")
 OUTPUT_STRIDES = (8, 16, 32)

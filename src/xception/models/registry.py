@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from ..errors import InvalidArgumentError
 
-from . import aligned, inception, models
-from .backbone import FeatureExtractor, XceptionBase
-from .errors import InvalidArgumentError
-from .weights import load_weights
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-MODELS: dict[str, Callable[..., XceptionBase]] = {
-    "xception": models.xception,
-    "xception41": aligned.xception41,
-    "xception65": aligned.xception65,
-    "xception71": aligned.xception71,
-    "xception41p": aligned.xception41p,
-    "xception65p": aligned.xception65p,
+    from .backbone import FeatureExtractor, XceptionBase
+
+# The family, each name with the module and builder that make it. Builders are imported when a model is built, so
+# that listing the models (``xception --help`` does, for its choices) imports no torch.
+MODELS: dict[str, str] = {
+    "xception": "xception:xception",
+    "xception41": "aligned:xception41",
+    "xception65": "aligned:xception65",
+    "xception71": "aligned:xception71",
+    "xception41p": "aligned:xception41p",
+    "xception65p": "aligned:xception65p",
 }
 
 # Networks the paper compares Xception with, built here so that they train, checkpoint and evaluate like the
 # family (``xception experiment inception``). Not of the family: create_model builds them, list_models and
 # ``xception models`` leave them out, and they have no feature-map API.
-BASELINES: dict[str, Callable[..., nn.Module]] = {
-    "inception_v3_compact": inception.inception_v3_compact,
+BASELINES: dict[str, str] = {
+    "inception_v3_compact": "inception:inception_v3_compact",
 }
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    module, function = (MODELS.get(name) or BASELINES[name]).split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
 
 
 def list_models() -> list[str]:
@@ -55,13 +63,12 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         drop_path_rate: stochastic depth of the last residual block, rising linearly from 0 at the first.
         output_stride: 32, 16 or 8: later strides become dilation (DeepLab); weights load unchanged.
         multi_grid: dilation multipliers for the last block's separable convolutions, e.g. (1, 2, 4).
-        features_only: return a :class:`~xception.backbone.FeatureExtractor` giving the feature maps
+        features_only: return a :class:`~xception.models.backbone.FeatureExtractor` giving the feature maps
             ``out_indices`` (default all; see its ``feature_info``) instead of logits.
         device, dtype: where and in which precision to create the parameters.
         **config: architecture knobs of the model (for "xception", see :class:`XceptionConfig`).
     """
-    builder = MODELS.get(name) or BASELINES.get(name)
-    if builder is None:
+    if name not in MODELS and name not in BASELINES:
         raise InvalidArgumentError(f"unknown model {name!r}; available models: {', '.join(list_models())}")
     if features_only and name in BASELINES:
         raise InvalidArgumentError(f"{name} is a baseline for comparisons and has no feature-map API (features_only)")
@@ -69,8 +76,13 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
         num_classes, global_pool = 0, ""
     elif out_indices is not None:
         raise InvalidArgumentError("out_indices needs features_only=True")
+    import torch
+
+    from ..weights import load_weights
+    from .backbone import FeatureExtractor
+
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = builder(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool, drop_rate=drop_rate,
+        model = _builder(name)(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool, drop_rate=drop_rate,
                         drop_path_rate=drop_path_rate, output_stride=output_stride, multi_grid=multi_grid, **config)
     if dtype is not None:
         model.to(dtype=dtype)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
 from .backbone import (
     BlockPlan,
     BlockSpec,
@@ -36,7 +37,6 @@ from .backbone import (
     plan_blocks,
     tap_indices,
 )
-from .layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
 
 Numerics = Literal["keras", "timm"]
 
