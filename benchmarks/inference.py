@@ -3,27 +3,43 @@ the deployed model at each precision.
 
     python benchmarks/inference.py [--checkpoint runs/bench-fashion-mnist] [--quick]
 
-Every measurement is one `xception benchmark --compare` command, run one after the other (never two at once: they
-share the CPU), so each ratio comes from candidates timed interleaved in the same process. The accuracy section
-needs the default trained Fashion-MNIST checkpoint (`python benchmarks/fashion_mnist.py` writes it); without one it
-is left out. Writes benchmarks/results/*.json and BENCHMARKS.md at the repository root.
+Every table is what one `xception benchmark --compare --limits` command measures (the command is printed above it):
+:func:`xception.benchmark.compare` in a process of its own, run one after the other (never two at once: they share
+the CPU), so each ratio comes from candidates timed interleaved in the same process. The accuracy section needs the
+default trained Fashion-MNIST checkpoint (`python benchmarks/fashion_mnist.py` writes it); without one it is left
+out. Writes each table to benchmarks/results/NAME.md (as the command's --output would) and NAME.json (as its
+--format json would), the accuracy to benchmarks/results/deploy_accuracy.json, and BENCHMARKS.md at the
+repository root.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import shlex
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from fashion_mnist import machine
 from profile_inference import report as int8_profile
 from profile_training import report as training_profile
+
+from xception.benchmark import (
+    BenchmarkConfig,
+    Result,
+    compare,
+    machine_limits,
+    peak_fraction,
+    results_to_json,
+    results_to_markdown,
+)
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -31,81 +47,109 @@ DEPLOY = ("fp32", "fp32+compile", "bf16", "bf16+compile", "int8")
 # The fast-inference issue's targets: throughput over timm legacy_xception's best fp32 eager configuration.
 TARGETS = {"fp32": 1.2, "bf16": 2.5, "int8": 3.5}
 TRAINING_TARGET = 1.3  # a bf16 training step over timm's best configuration
-GFLOP_PER_IMAGE = 16.7  # Xception at 299x299 (8.36 GMACs)
+# The `xception benchmark` options a run may set, in the order the printed command gives them.
+OPTIONS = (("--mode", "mode"), ("--deploy", "deploy"), ("--batch-size", "batch_size"),
+           ("--channels-last", "channels_last"), ("--precision", "precision"), ("--warmup", "warmup"),
+           ("--repeats", "repeats"), ("--iterations", "iterations"))
 
 
-def run_benchmark(name: str, arguments: list[str]) -> tuple[str, str]:
-    """One `xception benchmark` command: (the command as typed, the markdown table it wrote)."""
-    output = RESULTS / f"{name}.md"
-    command = ["xception", "benchmark", *arguments, "--output", str(output.relative_to(ROOT.parent))]
-    print("$", shlex.join(command), flush=True)
-    started = time.monotonic()
-    subprocess.run(command, check=True, cwd=ROOT.parent, stdout=subprocess.DEVNULL)
-    print(f"  {time.monotonic() - started:.0f} s", flush=True)
-    return shlex.join(command), output.read_text().strip()
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One table: the configuration and peers of one `xception benchmark --compare --limits` command."""
+
+    name: str  # results/NAME.md and NAME.json
+    title: str
+    config: BenchmarkConfig
+    peers: tuple[str, ...]
+
+    def command(self) -> str:
+        """The `xception benchmark` command that measures the same table and writes it to results/NAME.md."""
+        default = BenchmarkConfig()
+        options = {name for _, name in OPTIONS}
+        unshown = [f.name for f in dataclasses.fields(BenchmarkConfig)
+                   if f.name not in options and getattr(self.config, f.name) != getattr(default, f.name)]
+        if unshown:
+            raise ValueError(f"{self.name}: the printed command would not show {unshown}")
+        words = ["xception", "benchmark", "--compare", "--peers", ",".join(self.peers)]
+        for flag, name in OPTIONS:
+            value = getattr(self.config, name)
+            if value == getattr(default, name):
+                continue
+            if isinstance(value, bool):
+                words.append(flag)
+            else:
+                words += [flag, ",".join(value) if isinstance(value, tuple) else str(value)]
+        words += ["--limits", "--output", str((RESULTS / f"{self.name}.md").relative_to(ROOT.parent))]
+        return shlex.join(words)
 
 
-def inference_runs(quick: bool) -> list[tuple[str, list[str]]]:
-    timing = ["--warmup", "1", "--repeats", "3", "--iterations", "2"] if quick else \
-        ["--repeats", "5", "--iterations", "5"]
-    return [(f"inference-b{batch}", ["--compare", "--peers", "timm,keras", "--deploy", ",".join(DEPLOY),
-                                     "--batch-size", str(batch), "--channels-last", "--limits", *timing])
+def inference_runs(quick: bool) -> list[Run]:
+    warmup, repeats, iterations = (1, 3, 2) if quick else (3, 5, 5)
+    return [Run(f"inference-b{batch}", f"Inference, batch {batch}, 299x299",
+                BenchmarkConfig(deploy=DEPLOY, batch_size=batch, channels_last=True, warmup=warmup, repeats=repeats,
+                                iterations=iterations), ("timm", "keras"))
             for batch in (1, 8)]
 
 
-def training_runs(quick: bool) -> list[tuple[str, list[str]]]:
-    timing = ["--warmup", "1", "--repeats", "2" if quick else "3", "--iterations", "1"]
-    return [(f"train-{precision}", ["--compare", "--peers", "timm,inception_v3", "--mode", "train",
-                                    "--batch-size", "32", "--channels-last", "--precision", precision, "--limits",
-                                    *timing])
+def training_runs(quick: bool) -> list[Run]:
+    titles = {"fp32": "fp32", "bf16": "bf16 autocast"}
+    return [Run(f"train-{precision}", f"Training step, batch 32, 299x299, {titles[precision]}",
+                BenchmarkConfig(mode="train", batch_size=32, channels_last=True, precision=precision, warmup=1,
+                                repeats=2 if quick else 3, iterations=1),
+                ("timm", "inception_v3"))
             for precision in ("fp32", "bf16")]
 
 
-def table_rows(table: str) -> list[dict[str, str]]:
-    """The rows of a markdown table that `xception benchmark` wrote, as {column: cell}."""
-    lines = [line for line in table.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
-            for line in lines[2:]]
+def measure_run(run: Run) -> tuple[dict[str, Any], list[Result]]:
+    """What `xception benchmark --compare --limits` measures: the machine's matmul limits, then the comparison."""
+    limits = machine_limits(device=run.config.device, num_threads=run.config.num_threads)
+    return limits, compare(run.config, run.peers, limits=limits)
 
 
-def matmul_limits(table: str) -> dict[str, float]:
-    """{"fp32": GFLOP/s, "bf16": GFLOP/s} from the "Machine limit" line above a table."""
-    line = next(line for line in table.splitlines() if line.startswith("Machine limit"))
-    return {name: float(value.replace(",", "")) for name, value in
-            (item.split() for item in line.split(":", 1)[1].split(","))}
+def run_benchmark(run: Run) -> tuple[dict[str, Any], list[Result]]:
+    """One table, measured in a fresh process and written to results/NAME.md and NAME.json."""
+    print("$", run.command(), flush=True)
+    started = time.monotonic()
+    # A process per table, as each `xception benchmark` command has, so that no table inherits the compiled graphs,
+    # caches or allocator state of the one before it: torch.compile treats code it has seen at other shapes
+    # differently, and a compiled graph of one table could be reused by the next.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        limits, results = pool.submit(measure_run, run).result()
+    print(f"  {time.monotonic() - started:.0f} s", flush=True)
+    (RESULTS / f"{run.name}.md").write_text(results_to_markdown(results, limits) + "\n")
+    (RESULTS / f"{run.name}.json").write_text(results_to_json(results) + "\n")
+    return limits, results
 
 
-def target_lines(sections: list[tuple[str, str, str]]) -> list[str]:
-    """A table of each target against the best measured candidate at that precision, from the tables above, with
+def target_lines(tables: dict[str, tuple[dict[str, Any], list[Result]]]) -> list[str]:
+    """A table of each target against the best measured candidate at that precision, from the tables below, with
     what the target asks of the machine: its throughput as a share of the same run's matmul limit."""
-    tables = {name: (table_rows(table), table) for name, _, table in sections}
     lines = ["| target | best measured | met | the target as a share of the matmul limit | "
              "best as a share of it |", "|---|---:|---|---:|---:|"]
     for batch in (1, 8):
-        if f"inference-b{batch}" not in tables:
+        limits, results = tables.get(f"inference-b{batch}", ({}, []))
+        timm = next((r.images_per_s for r in results if r.candidate == "timm legacy_xception"), None)
+        if timm is None:  # not measured, or timm is not installed: no ratios to compare with the targets
             continue
-        rows, table = tables[f"inference-b{batch}"]
-        limits = matmul_limits(table)
-        timm = next(row for row in rows if row["candidate"].startswith("timm"))
         for precision, target in TARGETS.items():
-            best = max((row for row in rows if row["candidate"].startswith("xception deploy")
-                        and row["precision"] == precision), key=lambda row: float(row["vs timm"]), default=None)
-            if best is None:
+            best = max((r for r in results if r.candidate.startswith("xception deploy") and r.precision == precision
+                        and r.ratio_vs_timm is not None), key=lambda r: r.ratio_vs_timm or 0.0, default=None)
+            if best is None or best.ratio_vs_timm is None:
                 continue
-            ratio = float(best["vs timm"])
-            needed = best_share = "-"
-            if precision in limits:
-                needed = f"{target * float(timm['img/s']) * GFLOP_PER_IMAGE / limits[precision]:.0%}"
-                best_share = f"{float(best['img/s']) * GFLOP_PER_IMAGE / limits[precision]:.0%}"
-            lines.append(f"| {precision} deploy, batch {batch}: >= {target}x timm | {ratio:.2f}x | "
-                         f"{'yes' if ratio >= target else 'no'} | {needed} | {best_share} |")
+            at_target = dataclasses.replace(best, images_per_s=target * timm)
+            lines.append(f"| {precision} deploy, batch {batch}: >= {target}x timm | {best.ratio_vs_timm:.2f}x | "
+                         f"{'yes' if best.ratio_vs_timm >= target else 'no'} | "
+                         f"{share(peak_fraction(at_target, limits))} | {share(peak_fraction(best, limits))} |")
     if "train-bf16" in tables:
-        ours = next(row for row in tables["train-bf16"][0] if row["candidate"] == "xception")
-        ratio = float(ours["vs timm"])
-        lines.append(f"| bf16 training step, batch 32: >= {TRAINING_TARGET}x timm's best | {ratio:.2f}x | "
-                     f"{'yes' if ratio >= TRAINING_TARGET else 'no'} | - | - |")
+        ratio = tables["train-bf16"][1][0].ratio_vs_timm  # ours is the first result
+        if ratio is not None:
+            lines.append(f"| bf16 training step, batch 32: >= {TRAINING_TARGET}x timm's best | {ratio:.2f}x | "
+                         f"{'yes' if ratio >= TRAINING_TARGET else 'no'} | - | - |")
     return lines
+
+
+def share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
 
 
 @torch.no_grad()
@@ -113,7 +157,7 @@ def deployed_accuracy(checkpoint: Path) -> list[dict]:
     """Top-1 of the checkpoint on the Fashion-MNIST test set: eager fp32, then deployed at each precision, with the
     share of test images on which the deployed model's top-1 class is the eager model's."""
     from xception.data import load_fashion_mnist
-    from xception.predict import calibration_images, deploy_loaded, load_trained
+    from xception.inference import calibration_images, deploy_loaded, load_trained
 
     loaded = load_trained(checkpoint)
     images, labels = load_fashion_mnist("test")
@@ -144,10 +188,8 @@ def main() -> int:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    sections = []
     runs = inference_runs(args.quick) + ([] if args.skip_training else training_runs(args.quick))
-    for name, arguments in runs:
-        sections.append((name, *run_benchmark(name, arguments)))
+    tables = {run.name: run_benchmark(run) for run in runs}
 
     print("$ python benchmarks/profile_inference.py --batch-size 8", flush=True)
     inference_profile = int8_profile(8)
@@ -184,14 +226,12 @@ def main() -> int:
         "products, so a target far above 100% cannot be met by a faster implementation of the same network, and "
         "one near it only by running every layer as fast as the best matmul.",
         "",
-        *target_lines(sections),
+        *target_lines(tables),
         "",
     ]
-    titles = {"inference-b1": "Inference, batch 1, 299x299", "inference-b8": "Inference, batch 8, 299x299",
-              "train-fp32": "Training step, batch 32, 299x299, fp32",
-              "train-bf16": "Training step, batch 32, 299x299, bf16 autocast"}
-    for name, command, table in sections:
-        lines += [f"## {titles[name]}", "", f"`{command}`", "", table, ""]
+    for run in runs:
+        limits, results = tables[run.name]
+        lines += [f"## {run.title}", "", f"`{run.command()}`", "", results_to_markdown(results, limits), ""]
     text, figures = inference_profile
     lines += ["## Where the int8 model's time goes", "",
               "`python benchmarks/profile_inference.py --batch-size 8`: operator self time per call of the deployed "

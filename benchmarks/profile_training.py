@@ -3,12 +3,13 @@ machine's matmul limit: the evidence behind BENCHMARKS.md's note on the training
 
     python benchmarks/profile_training.py [--batch-size 32] [--precision bf16]
 
-Three profiled steps (after two warm-up steps) of ours and of timm ``legacy_xception``, both channels_last, SGD with
-momentum, autocast at ``--precision``. Operator self times are grouped into 1x1 convolutions, depthwise 3x3
-convolutions, other convolutions, BatchNorm, ReLU and the rest. Then the 1x1 convolution of the middle flow (728
-to 728 channels at 19x19, a third of the network's FLOPs) is timed on its own, forward and backward, against the
-best square matmul measured in the same process. Last, a torch.compile'd training step of ours is timed against
-the eager one.
+Three profiled steps (after two warm-up steps) of ours and of timm ``legacy_xception``, both channels_last: the step
+``xception train`` runs and ``xception benchmark --mode train`` times (:func:`xception.training.step.train_step`),
+with SGD with momentum and autocast at ``--precision``. Operator self times are grouped into 1x1 convolutions,
+depthwise 3x3 convolutions, other convolutions, BatchNorm, ReLU and the rest. Then the 1x1 convolution of the middle
+flow (728 to 728 channels at 19x19, a third of the network's FLOPs) is timed on its own, forward and backward,
+against the best square matmul measured in the same process. Last, a torch.compile'd training step of ours is timed
+against the eager one.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import xception
-from xception.benchmark import AUTOCAST_DTYPES, machine_limits
+from xception.benchmark import machine_limits
+from xception.precision import PRECISIONS
+from xception.training.step import train_step
 
 CONVOLUTIONS = {"aten::mkldnn_convolution": 1, "aten::convolution_backward": 2}  # op -> index of the weight shape
 
@@ -43,23 +47,18 @@ def category(name: str, shapes: list) -> str:
     return "the rest (pooling, adds, optimizer, casts, autograd)"
 
 
-def train_step(model: torch.nn.Module, batch_size: int, precision: str, forward=None):
-    """One SGD step on random data; ``forward`` (default: the model) computes the logits."""
+def timed_step(model: torch.nn.Module, batch_size: int, precision: str,
+               runner: torch.nn.Module | None = None) -> Callable[[], object]:
+    """``xception train``'s step (as ``xception benchmark --mode train`` times it: SGD with momentum, random labels)
+    on random channels_last data; ``runner`` (default: the model) is what runs the forward, e.g. its compiled
+    wrapper."""
     model = model.to(memory_format=torch.channels_last).train()
-    forward = forward if forward is not None else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    runner = runner if runner is not None else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # loss scaling is for fp16, which the CPU does not run
     x = torch.randn(batch_size, 3, 299, 299).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(1000, (batch_size,))
-    dtype = AUTOCAST_DTYPES.get(precision)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = forward(x)
-        F.cross_entropy(logits.float(), labels).backward()
-        optimizer.step()
-
-    return step
+    return lambda: train_step(runner, optimizer, scaler, x, labels, precision=precision)
 
 
 def breakdown(step, steps: int = 3) -> tuple[float, dict[str, float]]:
@@ -79,7 +78,7 @@ def breakdown(step, steps: int = 3) -> tuple[float, dict[str, float]]:
 
 def pointwise_gflops(batch_size: int, precision: str, repeats: int = 5) -> tuple[float, float]:
     """Best GFLOP/s of the middle flow's 1x1 convolution, forward and forward + backward."""
-    dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    dtype = PRECISIONS[precision].dtype
     x = torch.randn(batch_size, 728, 19, 19, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(728, 728, 1, 1, dtype=dtype, requires_grad=True).contiguous(
         memory_format=torch.channels_last)
@@ -99,10 +98,9 @@ def pointwise_gflops(batch_size: int, precision: str, repeats: int = 5) -> tuple
 def compiled_speedup(batch_size: int, precision: str, repeats: int = 3) -> tuple[float, float]:
     """(compiled step speed over eager, compile seconds) for ours, timed interleaved: torch.compile could fuse
     BatchNorm and ReLU into fewer passes, which is the only room left."""
-    eager = train_step(xception.create_model("xception"), batch_size, precision)
+    eager = timed_step(xception.create_model("xception"), batch_size, precision)
     model = xception.create_model("xception")
-    compiled_model = torch.compile(model)
-    compiled = train_step(model, batch_size, precision, forward=compiled_model)
+    compiled = timed_step(model, batch_size, precision, runner=torch.compile(model))
     start = time.perf_counter()
     compiled()
     compile_s = time.perf_counter() - start
@@ -124,7 +122,7 @@ def report(batch_size: int, precision: str) -> tuple[str, dict[str, float]]:
     rows = {}
     for name, model in (("xception", xception.create_model("xception")),
                         ("timm legacy_xception", timm.create_model("legacy_xception"))):
-        rows[name] = breakdown(train_step(model, batch_size, precision))
+        rows[name] = breakdown(timed_step(model, batch_size, precision))
     forward, both = pointwise_gflops(batch_size, precision)
     speedup, compile_s = compiled_speedup(batch_size, precision)
     limit = machine_limits()[f"{'bf16' if precision == 'bf16' else 'fp32'}_gflops"]

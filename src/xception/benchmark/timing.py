@@ -1,14 +1,13 @@
-"""Speed and memory of Xception, alone or side by side with other implementations.
-
-What is measured, and why it is measured that way:
+"""What one benchmark run is, and how it is timed.
 
 - A *candidate* is one model in one memory layout. Its ``step`` runs one iteration: a forward pass under
-  ``torch.inference_mode`` (inference) or a training step (train: forward, cross-entropy on random labels,
-  backward, SGD step). Every iteration is timed with ``time.perf_counter`` after a device synchronisation,
-  so p50/p90 are per-batch latencies (per-image latencies at batch 1).
+  ``torch.inference_mode`` (inference) or :func:`xception.training.step.train_step`, the step ``xception train``
+  runs (train: forward, cross-entropy on random labels, backward, SGD step). Every iteration is timed with
+  ``time.perf_counter`` after a device synchronisation, so p50/p90 are per-batch latencies (per-image latencies
+  at batch 1).
 - Throughput is the median over ``repeats`` timed runs of ``images / run time``. The median, not the mean,
   so that one run disturbed by another process does not move the result.
-- :func:`compare` times several candidates in the same process and *interleaves* them: each repeat runs
+- :func:`run_interleaved` times several candidates in the same process and *interleaves* them: each repeat runs
   every candidate once, in turn, so thermal or frequency drift and noisy neighbours hit all of them alike.
 - Parameters and MACs come from :func:`xception.summary.summarize` (convolutions and linear layers, one
   image); a model it cannot run gets its parameter count only. FLOPs are ``2 * MACs`` per image for
@@ -20,71 +19,40 @@ What is measured, and why it is measured that way:
   process reset its RSS high-water mark, so each candidate gets its own peak; elsewhere ``ru_maxrss`` is a
   high-water mark for the whole process, so a candidate that stays below an earlier peak reports no growth
   (an underestimate for every candidate but the first).
-
-The peers of :func:`compare` are optional: one that is not installed, or cannot run in this configuration,
-comes back as a :class:`Result` with ``skipped`` set to the reason.
 """
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import dataclasses
-import io
-import json
 import math
-import os
 import statistics
 import sys
-import typing
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidArgumentError
-from .registry import create_model
-from .summary import summarize
+from ..errors import InvalidArgumentError
+from ..models import create_model
+from ..precision import PRECISIONS, TRAINING_PRECISIONS, autocast, get_precision
+from ..summary import summarize
+from ..training.step import train_step
 
-__all__ = [
-    "PEERS",
-    "BenchmarkConfig",
-    "Candidate",
-    "PeakMemory",
-    "PeerUnavailable",
-    "Result",
-    "compare",
-    "machine_limits",
-    "measure",
-    "module_candidate",
-    "peak_fraction",
-    "results_from_csv",
-    "results_from_json",
-    "results_to_csv",
-    "results_to_json",
-    "results_to_markdown",
-    "run_interleaved",
-]
-
-Precision = Literal["fp32", "bf16", "fp16"]
 Mode = Literal["inference", "train"]
 Device = Literal["cpu", "cuda"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Deployed candidates: a precision, "+compile" for torch.compile with frozen weights (int8 always compiles).
 DEPLOY_CANDIDATES = ("fp32", "fp32+compile", "bf16", "bf16+compile", "int8")
 MODES = ("inference", "train")
 DEVICES = ("cpu", "cuda")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # SGD as in the paper's ImageNet runs; the values only need to make the step a real update.
 LEARNING_RATE, MOMENTUM = 0.045, 0.9
-INCEPTION_SIZE = (299, 299)  # torchvision's Inception V3 is timed at its own input size, as in the paper's Table 3
 
 
 @dataclass(frozen=True)
@@ -99,7 +67,7 @@ class BenchmarkConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # create_model keywords, e.g. middle_repeats=0
     batch_size: int = 1
     img_size: int | tuple[int, int] = 299  # stored as (height, width)
-    precision: Precision = "fp32"  # bf16 and fp16 run under torch.autocast on the device
+    precision: str = "fp32"  # of TRAINING_PRECISIONS; bf16 and fp16 run under torch.autocast on the device
     channels_last: bool = False
     compile: bool = False  # torch.compile with its default mode; the first call is reported as compile time
     mode: Mode = "inference"
@@ -119,20 +87,20 @@ class BenchmarkConfig:
         if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
             raise InvalidArgumentError(f"img_size must be a positive int or (height, width), got {self.img_size!r}")
         object.__setattr__(self, "img_size", size)
-        for name, choices in (("precision", PRECISIONS), ("mode", MODES), ("device", DEVICES)):
+        for name, choices in (("mode", MODES), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        get_precision(self.precision, self.device, allowed=TRAINING_PRECISIONS)  # fp16 needs CUDA
         object.__setattr__(self, "deploy", tuple(self.deploy))
         if any(candidate not in DEPLOY_CANDIDATES for candidate in self.deploy):
             raise InvalidArgumentError(f"deploy candidates must be among {DEPLOY_CANDIDATES}, got {self.deploy}")
         if self.deploy and self.mode != "inference":
             raise InvalidArgumentError("deploy candidates are timed in inference mode only")
-        if "int8" in self.deploy and self.device != "cpu":
-            raise InvalidArgumentError("int8 deploy runs on the CPU (oneDNN int8 kernels)")
-        if self.precision == "fp16" and self.device != "cuda":
-            raise InvalidArgumentError("precision 'fp16' needs device 'cuda': CPU autocast runs fp16 convolutions "
-                                       "slowly or "
-                                       "not at all; use 'bf16' on the CPU")
+        for candidate in self.deploy:
+            precision = PRECISIONS[candidate.partition("+")[0]]
+            if self.device not in precision.devices:
+                raise InvalidArgumentError(f"deploy candidate {candidate!r} runs on {' or '.join(precision.devices)} "
+                                           f"only: {precision.why_not_elsewhere}")
         for name in ("batch_size", "repeats", "iterations"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -186,13 +154,6 @@ class Candidate:
     compile_s: float | None = None  # when compiled before the benchmark (deploy); else timed at the first call
 
 
-class PeerUnavailable(Exception):
-    """A peer that cannot run here; :func:`compare` reports it as skipped with this message."""
-
-
-# --- timing -----------------------------------------------------------------------------------------
-
-
 def measure(model: nn.Module | Callable[[], nn.Module] | None, config: BenchmarkConfig, *, name: str | None = None,
             limits: dict[str, Any] | None = None) -> Result:
     """Time one model. ``model`` is a module, a function that builds one, or None for ``config.model``.
@@ -200,10 +161,10 @@ def measure(model: nn.Module | Callable[[], nn.Module] | None, config: Benchmark
     The module is used as given: it is moved to the device, converted to channels-last when asked, and in
     train mode its weights are updated, so pass a copy to keep the original.
     """
-    _check_device(config.device)
+    check_device(config.device)
     if config.deploy:
         raise InvalidArgumentError("measure() times one eager model; compare() times the deploy candidates beside it")
-    with _num_threads(config.num_threads):
+    with intra_op_threads(config.num_threads):
         if model is None:
             module = create_model(config.model, **config.model_options)
         elif isinstance(model, nn.Module):
@@ -213,7 +174,7 @@ def measure(model: nn.Module | Callable[[], nn.Module] | None, config: Benchmark
         label = name or getattr(module, "model_name", None) or type(module).__name__
         candidate = module_candidate(label, module, config)
         result = run_interleaved([candidate], config)[0]
-    return _with_peak_fraction(result, limits)
+    return with_peak_fraction(result, limits)
 
 
 def run_interleaved(candidates: Sequence[Candidate], config: BenchmarkConfig) -> list[Result]:
@@ -280,17 +241,19 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _synchronizer(device: str) -> Callable[[], None]:
-    """Waits for queued device work, so a timer measures the work and not its launch."""
+    """Waits for queued device work, so that a timer measures the work and not its launch."""
     return torch.cuda.synchronize if device == "cuda" else lambda: None
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Fail with a clear message before building models for a device that is not there."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("device 'cuda' requested, but torch.cuda.is_available() is False")
 
 
 @contextmanager
-def _num_threads(count: int | None) -> Iterator[None]:
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside, restored after (None: left alone)."""
     if count is None:
         yield
         return
@@ -300,11 +263,6 @@ def _num_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _autocast(config: BenchmarkConfig) -> AbstractContextManager[Any]:
-    dtype = AUTOCAST_DTYPES.get(config.precision)
-    return nullcontext() if dtype is None else torch.autocast(device_type=config.device, dtype=dtype)
 
 
 class PeakMemory:
@@ -370,9 +328,6 @@ class PeakMemory:
         return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, KiB elsewhere
 
 
-# --- candidates -------------------------------------------------------------------------------------
-
-
 def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, channels_last: bool | None = None,
                      img_size: tuple[int, int] | None = None) -> Candidate:
     """A PyTorch image classifier (NCHW input, logits output) prepared as ``config`` says.
@@ -383,15 +338,14 @@ def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, c
     height, width = img_size or config.img_size
     in_chans = getattr(module, "in_chans", 3)
     module.to(config.device)
-    params, macs = _count(module, (height, width), in_chans)
+    params, macs = count_params_and_macs(module, (height, width), in_chans)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module.to(memory_format=memory_format)
     x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
     x = x.contiguous(memory_format=memory_format)
     runner = torch.compile(module) if config.compile else module
     if config.mode == "train":
-        module.train()
-        step = _train_step(runner, module.parameters(), x, config)
+        step = _train_step(module, runner, x, config)
     else:
         module.eval()
         step = _inference_step(runner, x, config)
@@ -399,28 +353,7 @@ def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, c
                      params=params, macs=macs, compiled=config.compile)
 
 
-def deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, candidate: str) -> Candidate:
-    """Ours as :func:`xception.deploy.optimize_for_inference` makes it for ``candidate`` (a precision, with
-    "+compile" to compile), fed the same contiguous NCHW float batch as the eager candidates (its own cast and
-    layout change are part of its time)."""
-    from .deploy import optimize_for_inference
-
-    height, width = config.img_size
-    in_chans = getattr(module, "in_chans", 3)
-    module.to(config.device).eval()
-    params, macs = _count(module, (height, width), in_chans)
-    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
-    precision, _, compile = candidate.partition("+")
-    calibration = [torch.randn_like(x) for _ in range(4)] if precision == "int8" else None
-    deployed = optimize_for_inference(module, precision, calibration, example_input=x, compile=bool(compile))
-    compiled = "compile_s" in deployed.report
-    return Candidate(f"{name} deploy{' compiled' if compiled else ''}",
-                     "channels_last" if deployed.channels_last else "contiguous",
-                     lambda: deployed(x), (height, width), params=params, macs=macs, compiled=compiled,
-                     precision=precision, compile_s=deployed.report.get("compile_s"))
-
-
-def _count(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
+def count_params_and_macs(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
     """Parameters, and MACs per image when the summary's forward pass can run the module."""
     try:
         summary = summarize(module, size, in_chans=in_chans)
@@ -432,180 +365,55 @@ def _count(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int
 def _inference_step(model: Callable[[torch.Tensor], Any], x: torch.Tensor,
                     config: BenchmarkConfig) -> Callable[[], object]:
     def step() -> object:
-        with torch.inference_mode(), _autocast(config):
+        with torch.inference_mode(), autocast(config.device, config.precision):
             return model(x)
 
     return step
 
 
-def _train_step(model: Callable[[torch.Tensor], torch.Tensor], parameters: Iterator[nn.Parameter], x: torch.Tensor,
+def _train_step(module: nn.Module, runner: nn.Module, x: torch.Tensor,
                 config: BenchmarkConfig) -> Callable[[], object]:
-    """Forward under autocast, cross-entropy on random labels, backward, SGD step (loss scaling for fp16)."""
-    optimizer = torch.optim.SGD(parameters, lr=LEARNING_RATE, momentum=MOMENTUM)
+    """``xception train``'s step on ``runner`` (the module, or its compiled wrapper) with random labels."""
+    # The uncompiled module counts the classes, so that the compiled one first sees the timed batch size.
+    module.eval()
+    with torch.no_grad():
+        num_classes = module(x[:1]).shape[-1]
+    module.train()
+    labels = torch.randint(num_classes, (x.shape[0],), device=x.device)
+    optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     scaler = torch.amp.GradScaler(config.device, enabled=config.precision == "fp16")
-    labels: list[torch.Tensor] = []  # drawn at the first step, once the number of classes is known
 
     def step() -> object:
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(config):
-            logits = model(x)
-        if not labels:
-            labels.append(torch.randint(logits.shape[-1], (x.shape[0],), device=x.device))
-        loss = F.cross_entropy(logits.float(), labels[0])
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
+        return train_step(runner, optimizer, scaler, x, labels, precision=config.precision)
 
     return step
-
-
-# --- peers ------------------------------------------------------------------------------------------
-
-
-def _timm_candidates(config: BenchmarkConfig) -> list[Candidate]:
-    """timm's port of the Cadene/Keras Xception, in both layouts: compare() keeps the faster."""
-    try:
-        import timm
-    except ImportError as error:
-        raise PeerUnavailable(f"timm is not installed ({error})") from error
-    return [module_candidate("timm legacy_xception", timm.create_model("legacy_xception"), config,
-                             channels_last=channels_last)
-            for channels_last in (False, True)]
-
-
-def _keras_candidates(config: BenchmarkConfig) -> list[Candidate]:
-    """keras.applications.Xception on the PyTorch backend, eager, NHWC input, ``model(x, training=False)``."""
-    if config.mode != "inference":
-        raise PeerUnavailable("the keras peer is timed in inference mode only")
-    keras = _import_keras()
-    height, width = config.img_size
-    with keras.device(config.device):
-        model = keras.applications.Xception(weights=None, input_shape=(height, width, 3))
-    x = torch.randn(config.batch_size, height, width, 3, device=config.device)
-
-    def step() -> object:
-        with keras.device(config.device), torch.no_grad(), _autocast(config):
-            return model(x, training=False)
-
-    return [Candidate("keras Xception", "NHWC", step, (height, width), params=model.count_params())]
-
-
-def _import_keras() -> Any:
-    """Keras on the torch backend. The backend is fixed at keras's first import, hence the checks."""
-    if sys.modules.get("keras") is None:
-        backend = os.environ.setdefault("KERAS_BACKEND", "torch")
-        if backend != "torch":
-            raise PeerUnavailable(f"KERAS_BACKEND={backend}; the keras peer needs KERAS_BACKEND=torch before import")
-    try:
-        import keras
-    except ImportError as error:
-        raise PeerUnavailable(f"keras cannot be imported ({error})") from error
-    if keras.backend.backend() != "torch":
-        raise PeerUnavailable(f"keras was already imported with the {keras.backend.backend()} backend; "
-                              "the keras peer needs KERAS_BACKEND=torch set before keras is first imported")
-    return keras
-
-
-def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
-    """torchvision's Inception V3 at 299x299, for the paper's Table 3 (parameters, relative training speed)."""
-    try:
-        from torchvision.models import inception_v3
-    except ImportError as error:
-        raise PeerUnavailable(f"torchvision is not installed ({error})") from error
-    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    return [module_candidate("torchvision inception_v3", model, config, img_size=INCEPTION_SIZE)]
-
-
-PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
-    "timm": _timm_candidates,
-    "keras": _keras_candidates,
-    "inception_v3": _inception_candidates,
-}
-
-
-def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "inception_v3"), *,
-            limits: dict[str, Any] | None = None) -> list[Result]:
-    """Time ``config.model`` and its peers interleaved in one process: ours first, then ours deployed at each
-    ``config.deploy`` precision, then each peer in order.
-
-    timm is timed in both layouts and reported in the faster (the other's speed goes in ``note``). Each
-    result gets ``ratio_vs_timm`` (its throughput over timm's best) and ``ratio_vs_ours``; a peer that cannot
-    run is a result with ``skipped`` set.
-    """
-    unknown = [peer for peer in peers if peer not in PEERS]
-    if unknown:
-        raise InvalidArgumentError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
-    _check_device(config.device)
-    with _num_threads(config.num_threads):
-        model = create_model(config.model, **config.model_options)
-        # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
-        groups: list[list[Candidate] | Result] = [
-            [deployed_candidate(config.model, model, config, candidate)] for candidate in config.deploy]
-        groups.insert(0, [module_candidate(config.model, model, config)])
-        for peer in peers:
-            try:
-                groups.append(PEERS[peer](config))
-            except PeerUnavailable as reason:
-                groups.append(_skipped_result(peer, config, str(reason)))
-        measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
-    results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
-    return [_with_peak_fraction(result, limits) for result in _with_ratios(results)]
-
-
-def _fastest(group: list[Result]) -> Result:
-    """The faster layout of one candidate, noting the other layouts' throughput."""
-    best = max(group, key=lambda result: result.images_per_s or 0.0)
-    others = [f"{r.layout}: {r.images_per_s:.3g} img/s" for r in group if r is not best]
-    return dataclasses.replace(best, note="; ".join(others)) if others else best
-
-
-def _with_ratios(results: list[Result]) -> list[Result]:
-    """Ratios to timm's best and to ours, which is the first result."""
-    ours = results[0].images_per_s
-    timm = next((r.images_per_s for r in results if r.candidate == "timm legacy_xception"), None)
-    return [dataclasses.replace(result, ratio_vs_timm=_ratio(result.images_per_s, timm),
-                                ratio_vs_ours=_ratio(result.images_per_s, ours))
-            for result in results]
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or not denominator else numerator / denominator
-
-
-def _skipped_result(peer: str, config: BenchmarkConfig, reason: str) -> Result:
-    return Result(candidate=peer, layout="-", mode=config.mode, precision=config.precision, device=config.device,
-                  batch_size=config.batch_size, img_size=config.img_size, skipped=reason)
-
-
-# --- machine limits ---------------------------------------------------------------------------------
 
 
 def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
                    num_threads: int | None = None) -> dict[str, Any]:
     """Best-of-``repeats`` GFLOP/s of a ``size`` x ``size`` matmul per precision: the compute a network could
-    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` (fp32, bf16; fp16 on CUDA; int8 on
-    the CPU, as ``torch._int_mm``'s int8 x int8 -> int32 operations per second).
+    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` for each precision of
+    :data:`xception.precision.PRECISIONS` that runs on ``device`` (fp32, bf16; fp16 on CUDA; int8 on the CPU, as
+    ``torch._int_mm``'s int8 x int8 -> int32 operations per second).
 
     Dense matmul is the most efficient kernel there is; a depthwise separable network moves far more bytes per
     FLOP, so a fraction well below 1 is expected, and the fraction is for comparing runs, not a target.
     Best-of-N assumes at least one quiet repeat: measure the limits in the same conditions as the models (a
     fraction above 1 means the limit was measured while something else used the machine).
     """
-    _check_device(device)
+    check_device(device)
     sync = _synchronizer(device)
-    precisions = ("fp32", "bf16", "fp16") if device == "cuda" else ("fp32", "bf16", "int8")
-    dtypes = {"fp32": torch.float32, **AUTOCAST_DTYPES}
     limits: dict[str, Any] = {"device": device, "size": size}
-    with _num_threads(num_threads):
-        for precision in precisions:
-            if precision == "int8":
+    with intra_op_threads(num_threads):
+        for precision in (p for p in PRECISIONS.values() if device in p.devices):
+            multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+            if precision.name == "int8":
                 a = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
                 b = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
                 multiply = torch._int_mm  # oneDNN's int8 GEMM, the kernel family int8 convolutions use
             else:
-                a = torch.randn(size, size, device=device, dtype=dtypes[precision])
-                b = torch.randn(size, size, device=device, dtype=dtypes[precision])
+                a = torch.randn(size, size, device=device, dtype=precision.dtype)
+                b = torch.randn(size, size, device=device, dtype=precision.dtype)
                 multiply = torch.mm
             multiply(a, b)  # warm-up: library initialisation and kernel selection
             sync()
@@ -615,7 +423,7 @@ def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
                 multiply(a, b)
                 sync()
                 best = min(best, perf_counter() - start)
-            limits[f"{precision}_gflops"] = 2 * size**3 / best / 1e9
+            limits[f"{precision.name}_gflops"] = 2 * size**3 / best / 1e9
     return limits
 
 
@@ -631,86 +439,8 @@ def peak_fraction(result: Result, limits: dict[str, Any]) -> float | None:
     return flops_per_image * result.images_per_s / 1e9 / limit
 
 
-def _with_peak_fraction(result: Result, limits: dict[str, Any] | None) -> Result:
+def with_peak_fraction(result: Result, limits: dict[str, Any] | None) -> Result:
+    """``result`` with ``fraction_of_peak`` filled in from ``limits`` (unchanged without limits)."""
     if limits is None:
         return result
     return dataclasses.replace(result, fraction_of_peak=peak_fraction(result, limits))
-
-
-# --- output -----------------------------------------------------------------------------------------
-
-MARKDOWN_COLUMNS = ("candidate", "layout", "mode", "precision", "batch", "size", "img/s", "p50 ms", "p90 ms",
-                    "vs timm", "vs ours", "% of peak", "params", "GMACs", "peak MB", "compile s", "note")
-
-
-def results_to_markdown(results: Sequence[Result], limits: dict[str, Any] | None = None) -> str:
-    """A Markdown table, one row per result; with ``limits``, a line with the machine's limits above it and
-    the % of peak filled in for results that lack it."""
-    lines = []
-    if limits is not None:
-        rates = ", ".join(f"{key.removesuffix('_gflops')} {value:,.0f}" for key, value in limits.items()
-                          if key.endswith("_gflops"))
-        lines += [f"Machine limit ({limits['device']}, {limits['size']}x{limits['size']} matmul, GFLOP/s): {rates}",
-                  ""]
-    lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
-    for result in results:
-        fraction = result.fraction_of_peak
-        if fraction is None and limits is not None:
-            fraction = peak_fraction(result, limits)
-        note = f"skipped: {result.skipped}" if result.skipped else result.note
-        cells = (
-            result.candidate, result.layout, result.mode, result.precision, str(result.batch_size),
-            "x".join(map(str, result.img_size)), _fmt(result.images_per_s, ".2f"), _fmt(result.p50_ms, ".2f"),
-            _fmt(result.p90_ms, ".2f"), _fmt(result.ratio_vs_timm, ".2f"), _fmt(result.ratio_vs_ours, ".2f"),
-            _fmt(None if fraction is None else 100 * fraction, ".1f"),
-            _fmt(None if result.params is None else result.params / 1e6, ".2f", "M"),
-            _fmt(None if result.macs is None else result.macs / 1e9, ".2f"), _fmt(result.peak_memory_mb, ".0f"),
-            _fmt(result.compile_s, ".1f"), note.replace("|", "/"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def results_to_json(results: Sequence[Result]) -> str:
-    return json.dumps([dataclasses.asdict(result) for result in results], indent=2)
-
-
-def results_from_json(text: str) -> list[Result]:
-    return [Result(**{**row, "img_size": tuple(row["img_size"])}) for row in json.loads(text)]
-
-
-def results_to_csv(results: Sequence[Result]) -> str:
-    """One row per result with every field; empty cells are None and ``img_size`` is ``HxW``."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(Result)], lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        row = dataclasses.asdict(result)
-        row["img_size"] = "x".join(map(str, result.img_size))
-        writer.writerow({key: "" if value is None else value for key, value in row.items()})
-    return buffer.getvalue()
-
-
-def results_from_csv(text: str) -> list[Result]:
-    hints = typing.get_type_hints(Result)
-    return [Result(**{key: _parse_cell(value, hints[key]) for key, value in row.items()})
-            for row in csv.DictReader(io.StringIO(text))]
-
-
-def _parse_cell(text: str, hint: Any) -> Any:
-    """The inverse of the CSV writer for one field, from its type annotation."""
-    if typing.get_origin(hint) is tuple:
-        return tuple(int(side) for side in text.split("x"))
-    kinds = typing.get_args(hint)
-    if type(None) in kinds:  # X | None
-        if text == "":
-            return None
-        hint = next(kind for kind in kinds if kind is not type(None))
-    if hint is bool:
-        return text == "True"
-    if hint in (int, float):
-        return hint(text)
-    return text

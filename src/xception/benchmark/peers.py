@@ -1,0 +1,176 @@
+"""Ours against other implementations of the same network, timed interleaved in one process.
+
+The peers are optional: one that is not installed, or cannot run in this configuration, comes back from
+:func:`compare` as a :class:`~.timing.Result` with ``skipped`` set to the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from ..models import create_model
+from ..precision import autocast
+from .timing import (
+    BenchmarkConfig,
+    Candidate,
+    Result,
+    check_device,
+    count_params_and_macs,
+    intra_op_threads,
+    module_candidate,
+    run_interleaved,
+    with_peak_fraction,
+)
+
+INCEPTION_SIZE = (299, 299)  # torchvision's Inception V3 is timed at its own input size, as in the paper's Table 3
+
+
+class PeerUnavailable(Exception):
+    """A peer that cannot run here; :func:`compare` reports it as skipped with this message."""
+
+
+def _timm_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """timm's port of the Cadene/Keras Xception, in both layouts: compare() keeps the faster."""
+    try:
+        import timm
+    except ImportError as error:
+        raise PeerUnavailable(f"timm is not installed ({error})") from error
+    return [module_candidate("timm legacy_xception", timm.create_model("legacy_xception"), config,
+                             channels_last=channels_last)
+            for channels_last in (False, True)]
+
+
+def _keras_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """keras.applications.Xception on the PyTorch backend, eager, NHWC input, ``model(x, training=False)``."""
+    if config.mode != "inference":
+        raise PeerUnavailable("the keras peer is timed in inference mode only")
+    keras = _import_keras()
+    height, width = config.img_size
+    with keras.device(config.device):
+        model = keras.applications.Xception(weights=None, input_shape=(height, width, 3))
+    x = torch.randn(config.batch_size, height, width, 3, device=config.device)
+
+    def step() -> object:
+        with keras.device(config.device), torch.no_grad(), autocast(config.device, config.precision):
+            return model(x, training=False)
+
+    return [Candidate("keras Xception", "NHWC", step, (height, width), params=model.count_params())]
+
+
+def _import_keras() -> Any:
+    """Keras on the torch backend. The backend is fixed at keras's first import, hence the checks."""
+    if sys.modules.get("keras") is None:
+        backend = os.environ.setdefault("KERAS_BACKEND", "torch")
+        if backend != "torch":
+            raise PeerUnavailable(f"KERAS_BACKEND={backend}; the keras peer needs KERAS_BACKEND=torch before import")
+    try:
+        import keras
+    except ImportError as error:
+        raise PeerUnavailable(f"keras cannot be imported ({error})") from error
+    if keras.backend.backend() != "torch":
+        raise PeerUnavailable(f"keras was already imported with the {keras.backend.backend()} backend; "
+                              "the keras peer needs KERAS_BACKEND=torch set before keras is first imported")
+    return keras
+
+
+def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
+    """torchvision's Inception V3 at 299x299, for the paper's Table 3 (parameters, relative training speed)."""
+    try:
+        from torchvision.models import inception_v3
+    except ImportError as error:
+        raise PeerUnavailable(f"torchvision is not installed ({error})") from error
+    model = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    return [module_candidate("torchvision inception_v3", model, config, img_size=INCEPTION_SIZE)]
+
+
+PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
+    "timm": _timm_candidates,
+    "keras": _keras_candidates,
+    "inception_v3": _inception_candidates,
+}
+
+
+def _deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, candidate: str) -> Candidate:
+    """Ours as :func:`xception.deploy.optimize_for_inference` makes it for ``candidate`` (a precision, with
+    "+compile" to compile), fed the same contiguous NCHW float batch as the eager candidates (its own cast and
+    layout change are part of its time)."""
+    from ..deploy import optimize_for_inference
+
+    height, width = config.img_size
+    in_chans = getattr(module, "in_chans", 3)
+    module.to(config.device).eval()
+    params, macs = count_params_and_macs(module, (height, width), in_chans)
+    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    precision, _, compile = candidate.partition("+")
+    # Random calibration images: the speed of the int8 model does not depend on its activation ranges.
+    calibration = [torch.randn_like(x) for _ in range(4)] if precision == "int8" else None
+    deployed = optimize_for_inference(module, precision, calibration, example_input=x, compile=bool(compile))
+    compiled = "compile_s" in deployed.report
+    return Candidate(f"{name} deploy{' compiled' if compiled else ''}",
+                     "channels_last" if deployed.channels_last else "contiguous",
+                     lambda: deployed(x), (height, width), params=params, macs=macs, compiled=compiled,
+                     precision=precision, compile_s=deployed.report.get("compile_s"))
+
+
+def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "inception_v3"), *,
+            limits: dict[str, Any] | None = None) -> list[Result]:
+    """Time ``config.model`` and its peers interleaved in one process: ours first, then ours deployed at each
+    ``config.deploy`` precision, then each peer in order.
+
+    timm is timed in both layouts and reported in the faster (the other's speed goes in ``note``). Each
+    result gets ``ratio_vs_timm`` (its throughput over timm's best) and ``ratio_vs_ours``; a peer that cannot
+    run is a result with ``skipped`` set.
+    """
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
+    check_device(config.device)
+    with intra_op_threads(config.num_threads):
+        model = create_model(config.model, **config.model_options)
+        # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
+        groups: list[list[Candidate] | Result] = [
+            [_deployed_candidate(config.model, model, config, candidate)] for candidate in config.deploy]
+        # Ours is timed first but prepared last: module_candidate changes the model's layout in place, and the
+        # deployed candidates are made from the model as created.
+        groups.insert(0, [module_candidate(config.model, model, config)])
+        for peer in peers:
+            try:
+                groups.append(PEERS[peer](config))
+            except PeerUnavailable as reason:
+                groups.append(_skipped_result(peer, config, str(reason)))
+        measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
+    results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
+    return [with_peak_fraction(result, limits) for result in _with_ratios(results)]
+
+
+def _fastest(group: list[Result]) -> Result:
+    """The faster layout of one candidate, noting the other layouts' throughput."""
+    best = max(group, key=lambda result: result.images_per_s or 0.0)
+    others = [f"{r.layout}: {r.images_per_s:.3g} img/s" for r in group if r is not best]
+    return dataclasses.replace(best, note="; ".join(others)) if others else best
+
+
+def _with_ratios(results: list[Result]) -> list[Result]:
+    """Ratios to timm's best and to ours, which is the first result."""
+    ours = results[0].images_per_s
+    timm = next((r.images_per_s for r in results if r.candidate == "timm legacy_xception"), None)
+    return [dataclasses.replace(result, ratio_vs_timm=_ratio(result.images_per_s, timm),
+                                ratio_vs_ours=_ratio(result.images_per_s, ours))
+            for result in results]
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def _skipped_result(peer: str, config: BenchmarkConfig, reason: str) -> Result:
+    return Result(candidate=peer, layout="-", mode=config.mode, precision=config.precision, device=config.device,
+                  batch_size=config.batch_size, img_size=config.img_size, skipped=reason)
