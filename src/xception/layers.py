@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidArgumentError
+
 Order = Literal["depthwise_first", "pointwise_first"]
 MidOperation = Literal[None, "relu", "elu", "bn", "bn_relu"]
 Padding = Literal["same", "symmetric"]
@@ -135,7 +137,7 @@ class DropPath(nn.Module):
     def __init__(self, rate: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+            raise InvalidArgumentError(f"drop path rate must be in [0, 1), got {rate}")
         self.rate = rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +155,7 @@ def make_mid_operations(mid: MidOperation, channels: int,
                         norm_layer: NormLayer = keras_batch_norm) -> tuple[nn.Module, nn.Module]:
     """The (normalisation, activation) pair between the two halves of a separable convolution."""
     if mid not in MID_OPERATIONS:
-        raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
+        raise InvalidArgumentError(f"mid_activation must be one of {MID_OPERATIONS}, got {mid!r}")
     norm: nn.Module = nn.Identity()
     if mid in ("bn", "bn_relu"):
         norm = norm_layer(channels)
@@ -193,18 +195,18 @@ class SeparableConv2d(nn.Module):
                  padding: Padding = "same", norm_layer: NormLayer = keras_batch_norm) -> None:
         super().__init__()
         if padding not in ("same", "symmetric"):
-            raise ValueError(f"padding must be 'same' or 'symmetric', got {padding!r}")
+            raise InvalidArgumentError(f"padding must be 'same' or 'symmetric', got {padding!r}")
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+            raise InvalidArgumentError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "pointwise_first" and depth_multiplier != 1:
-            raise ValueError("depth_multiplier must be 1 when order='pointwise_first': the extreme Inception "
-                             "module has one spatial filter per channel")
+            raise InvalidArgumentError("depth_multiplier must be 1 when order='pointwise_first': the extreme Inception "
+                                       "module has one spatial filter per channel")
         spatial_in = in_channels if order == "depthwise_first" else out_channels
         spatial_out = spatial_in * depth_multiplier
         segments = spatial_in if segments is None else segments
         if segments < 1 or spatial_in % segments:
-            raise ValueError(f"segments must divide the {spatial_in} channels of the spatial convolution, "
-                             f"got {segments}")
+            raise InvalidArgumentError(f"segments must divide the {spatial_in} channels of the spatial convolution, "
+                                       f"got {segments}")
         self.order = order
         self.segments = segments
         self.depth_multiplier = depth_multiplier

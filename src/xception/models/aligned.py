@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnknownOptionError
 from ..layers import MidOperation, NormLayer, SeparableConv2d
 from .backbone import (
     BlockPlan,
@@ -165,7 +166,7 @@ def build(name: str, specs: list[BlockSpec], preact: bool, bn_eps: float, option
                     "multi_grid"}
     unknown = sorted(set(options) - architecture)
     if unknown:
-        raise TypeError(f"unknown {name} option(s) {unknown}; valid options are {sorted(architecture)}")
+        raise UnknownOptionError(f"unknown {name} option(s) {unknown}; valid options are {sorted(architecture)}")
     return XceptionAligned(specs, preact=preact, bn_eps=bn_eps, model_name=name, **options)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidArgumentError
 from ..layers import DropPath
 
 GLOBAL_POOLS = ("avg", "max", "")
@@ -53,7 +54,7 @@ def plan_blocks(specs: list[BlockSpec], *, first_number: int, stem_channels: int
     """Name the blocks after the stem ``block<first_number>``... and place them: input channels, strides and
     dilations for ``output_stride``, ``multi_grid`` rates in the last block, stochastic depth rates."""
     if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        raise InvalidArgumentError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     last_rates = check_multi_grid(multi_grid, specs[-1])
     path_rates = drop_path_rates(drop_path_rate, specs)
     plans: list[BlockPlan] = []
@@ -83,8 +84,8 @@ def check_multi_grid(multi_grid: tuple[int, ...] | None, last: BlockSpec) -> tup
         return (1,) * len(last.widths)
     multi_grid = tuple(multi_grid)
     if len(multi_grid) != len(last.widths) or not all(isinstance(r, int) and r >= 1 for r in multi_grid):
-        raise ValueError(f"multi_grid needs {len(last.widths)} positive integer rates, one per separable "
-                         f"convolution of the last block, got {multi_grid}")
+        raise InvalidArgumentError(f"multi_grid needs {len(last.widths)} positive integer rates, one per separable "
+                                   f"convolution of the last block, got {multi_grid}")
     return multi_grid
 
 
@@ -120,7 +121,7 @@ def drop_path_rates(rate: float, blocks: list[BlockSpec]) -> list[float]:
     """Stochastic depth rising linearly from 0 at the first residual block to ``rate`` at the last; blocks
     without a residual connection get none (dropping them would drop the whole signal)."""
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        raise InvalidArgumentError(f"drop_path_rate must be in [0, 1), got {rate}")
     residual = [i for i, spec in enumerate(blocks) if spec.skip]
     rates = [0.0] * len(blocks)
     for position, index in enumerate(residual):
@@ -166,15 +167,15 @@ class ClassifierHead(nn.Module):
 
 def check_head_arguments(num_classes: int, global_pool: str, drop_rate: float, has_fc_layers: bool) -> None:
     if global_pool not in GLOBAL_POOLS:
-        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        raise InvalidArgumentError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0 (0 drops the classifier), got {num_classes}")
+        raise InvalidArgumentError(f"num_classes must be >= 0 (0 drops the classifier), got {num_classes}")
     if num_classes and not global_pool:
-        raise ValueError("global_pool='' returns the final feature map and needs num_classes=0")
+        raise InvalidArgumentError("global_pool='' returns the final feature map and needs num_classes=0")
     if has_fc_layers and not global_pool:
-        raise ValueError("fc_layers need a global_pool ('avg' or 'max')")
+        raise InvalidArgumentError("fc_layers need a global_pool ('avg' or 'max')")
     if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        raise InvalidArgumentError(f"drop_rate must be in [0, 1), got {drop_rate}")
 
 
 def feature_info(blocks: nn.Sequential, plans: list[BlockPlan], stem_reduction: int) -> list[dict[str, Any]]:
@@ -205,7 +206,7 @@ class XceptionBase(nn.Module):
                  multi_grid: tuple[int, ...] | None, drop_path_rate: float) -> None:
         super().__init__()
         if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+            raise InvalidArgumentError(f"in_chans must be >= 1, got {in_chans}")
         self.model_name = model_name  # the registry name, saved with the weights
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -218,14 +219,15 @@ class XceptionBase(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take, naming what was expected."""
         if x.dim() != 4:
-            raise ValueError("expected an NCHW batch with 4 dimensions, got shape " + str(list(x.shape)))
+            raise InvalidArgumentError("expected an NCHW batch with 4 dimensions, got shape " + str(list(x.shape)))
         if x.shape[1] != self.in_chans:
-            raise ValueError("expected " + str(self.in_chans) + " input channels, got " + str(x.shape[1])
-                             + " (shape " + str(list(x.shape)) + "); build the model with in_chans="
-                             + str(x.shape[1]) + " or convert the images")
+            raise InvalidArgumentError("expected " + str(self.in_chans) + " input channels, got " + str(x.shape[1])
+                                       + " (shape " + str(list(x.shape)) + "); build the model with in_chans="
+                                       + str(x.shape[1]) + " or convert the images")
         if x.shape[2] < self.min_input_size or x.shape[3] < self.min_input_size:
-            raise ValueError("input " + str(x.shape[2]) + "x" + str(x.shape[3]) + " is too small: this model needs"
-                             + " at least " + str(self.min_input_size) + "x" + str(self.min_input_size) + " pixels")
+            raise InvalidArgumentError("input " + str(x.shape[2]) + "x" + str(x.shape[3]) + " is too small: this "
+                                       + "model needs at least " + str(self.min_input_size) + "x"
+                                       + str(self.min_input_size) + " pixels")
 
     @torch.jit.unused
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -301,13 +303,13 @@ def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, count: in
         return list(range(count))
     if isinstance(indices, int):
         if not 1 <= indices <= count:
-            raise ValueError(f"asked for the last {indices} feature maps, but there are {count}")
+            raise InvalidArgumentError(f"asked for the last {indices} feature maps, but there are {count}")
         return list(range(count - indices, count))
     resolved = [i + count if i < 0 else i for i in indices]
     bad = [i for i, r in zip(indices, resolved, strict=True) if not 0 <= r < count]
     if bad or not resolved:
-        raise ValueError(f"out_indices {tuple(indices)} out of range: this model has {count} feature maps "
-                         f"(indices 0..{count - 1}, or negative from the end)")
+        raise InvalidArgumentError(f"out_indices {tuple(indices)} out of range: this model has {count} feature maps "
+                                   f"(indices 0..{count - 1}, or negative from the end)")
     return resolved
 
 
@@ -329,8 +331,8 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError("expected an NCHW batch with " + str(self.in_chans) + " channels, got shape "
-                             + str(list(x.shape)))
+            raise InvalidArgumentError("expected an NCHW batch with " + str(self.in_chans) + " channels, got shape "
+                                       + str(list(x.shape)))
         features: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
             x = block(x)

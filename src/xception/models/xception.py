@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from ..errors import InvalidArgumentError, UnknownOptionError
 from ..layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
 from .backbone import (
     BlockPlan,
@@ -72,26 +73,26 @@ class XceptionConfig:
         for name in ("stem_widths", "entry_widths", "exit_widths", "tail_widths", "fc_layers"):
             value = tuple(getattr(self, name))
             if not all(isinstance(v, int) and v > 0 for v in value):
-                raise ValueError(f"{name} must be positive integers, got {value}")
+                raise InvalidArgumentError(f"{name} must be positive integers, got {value}")
             object.__setattr__(self, name, value)
         if len(self.stem_widths) != 2 or len(self.exit_widths) != 2 or len(self.tail_widths) != 2:
-            raise ValueError("stem_widths, exit_widths and tail_widths each take two widths")
+            raise InvalidArgumentError("stem_widths, exit_widths and tail_widths each take two widths")
         if not self.entry_widths:
-            raise ValueError("entry_widths needs at least one width")
+            raise InvalidArgumentError("entry_widths needs at least one width")
         if self.stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
         if self.stem_padding not in ("valid", "same"):
-            raise ValueError(f"stem_padding must be 'valid' or 'same', got {self.stem_padding!r}")
+            raise InvalidArgumentError(f"stem_padding must be 'valid' or 'same', got {self.stem_padding!r}")
         if self.middle_repeats < 0:
-            raise ValueError(f"middle_repeats must be >= 0, got {self.middle_repeats}")
+            raise InvalidArgumentError(f"middle_repeats must be >= 0, got {self.middle_repeats}")
         if self.mid_activation not in MID_OPERATIONS:
-            raise ValueError(f"mid_activation must be one of {MID_OPERATIONS}, got {self.mid_activation!r}")
+            raise InvalidArgumentError(f"mid_activation must be one of {MID_OPERATIONS}, got {self.mid_activation!r}")
         if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+            raise InvalidArgumentError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.numerics not in NUMERICS:
-            raise ValueError(f"numerics must be one of {tuple(NUMERICS)}, got {self.numerics!r}")
+            raise InvalidArgumentError(f"numerics must be one of {tuple(NUMERICS)}, got {self.numerics!r}")
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+            raise InvalidArgumentError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
 
     def norm_layer(self) -> NormLayer:
         """Builds every BatchNorm of the network: the numerics' eps, and their momentum unless overridden."""
@@ -253,7 +254,7 @@ def xception(*, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "
     valid = {field.name for field in dataclasses.fields(XceptionConfig)}
     unknown = sorted(set(config) - valid)
     if unknown:
-        raise TypeError(f"unknown Xception option(s) {unknown}; valid options are {sorted(valid)}")
+        raise UnknownOptionError(f"unknown Xception option(s) {unknown}; valid options are {sorted(valid)}")
     return Xception(XceptionConfig(**config), num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                     drop_rate=drop_rate, drop_path_rate=drop_path_rate, output_stride=output_stride,
                     multi_grid=multi_grid, model_name="xception")
