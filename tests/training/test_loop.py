@@ -179,3 +179,15 @@ def test_folder_data_with_a_corrupt_image_and_class_mismatch_on_resume(tmp_path)
     with pytest.raises(TrainingError, match="3 classes but the data has 4"):
         train(TrainConfig(data=str(root), output=output, model_options=TINY, epochs=2, batch_size=16, img_size=28,
                           resume=True, progress=False))
+
+
+def test_step_log_covers_the_whole_run_after_a_resume(tmp_path):
+    """train() returns the step log from the first step even when it resumed; the experiments rely on it."""
+    common = {"model_options": TINY, "batch_size": 32, "lr": 0.4, "train_subset": 2048, "val_subset": 100,
+              "epochs": 1, "progress": False, "output": tmp_path}
+    stopped = train(TrainConfig(max_steps=20, **common))
+    assert stopped["stopped"] == "max_steps=20" and [r["step"] for r in stopped["steps_log"]] == [20]
+    resumed = train(TrainConfig(resume=True, **common))
+    assert resumed["stopped"] == "finished"
+    assert resumed["steps"] == 64
+    assert [r["step"] for r in resumed["steps_log"]] == [20, 40, 60]

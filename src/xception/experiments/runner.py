@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
+from ..files import write_text_atomic
 from ..training import TrainConfig, train
 from .definitions import (
     EXPERIMENT_NAMES,
@@ -114,25 +115,15 @@ def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings, ou
         seed=seed, output=str(folder), final_top1=history[-1]["val_top1"], best_top1=result["best_top1"],
         steps=result["steps"], seconds=None if resumed else round(seconds, 2),
         steps_per_s=None if resumed else round(result["steps"] / seconds, 3),
-        curve=[[r["step"], r["val_top1"]] for r in history], loss=_read_loss_curve(folder / "metrics.jsonl"),
+        curve=[[r["step"], r["val_top1"]] for r in history],
+        loss=[[record["step"], record["train_loss"]] for record in result["steps_log"]],
         date=today(), machine=machine_description())
     if result["stopped"] == "finished":
-        record.write_text(json.dumps(asdict(run), indent=2))
+        write_text_atomic(record, json.dumps(asdict(run), indent=2))
     if report:
         speed = f", {run.steps_per_s:.2f} steps/s" if run.steps_per_s else ""
         report(f"[{tag}] {variant.label}, seed {seed}: val top-1 {run.final_top1:.4f} after {run.steps} steps{speed}")
     return run
-
-
-def _read_loss_curve(path: Path) -> list[list[float]]:
-    """``[step, train_loss]`` from the step records of ``metrics.jsonl``; after a resume the later record of a
-    step wins."""
-    losses: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if "lr" in record and "train_loss" in record:
-            losses[record["step"]] = record["train_loss"]
-    return [[step, losses[step]] for step in sorted(losses)]
 
 
 def _measure_full_size(settings: ExperimentSettings, output: Path,

@@ -110,6 +110,7 @@ class RunState:
     position: int = 0  # samples of this epoch already consumed (by this rank)
     best_top1: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    steps_log: list[dict[str, Any]] = field(default_factory=list)  # loss and learning rate every 20 steps
     # This epoch's running sums, so that a resumed epoch reports what an uninterrupted one would.
     totals: dict[str, float] = field(default_factory=lambda: {"seen": 0, "loss_sum": 0.0, "correct": 0,
                                                               "skipped": 0})
@@ -152,7 +153,7 @@ def save_run(name: str, run: RunState, trainer: Trainer, config: TrainConfig,
         ema=trainer.ema.module.state_dict() if trainer.ema else None, optimizer=trainer.optimizer.state_dict(),
         scheduler=None, grad_scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
         rng=capture_rng_state(),
-        extra={"history": run.history, "epoch_totals": run.totals,
+        extra={"history": run.history, "steps_log": run.steps_log, "epoch_totals": run.totals,
                "config": {k: str(v) for k, v in config.to_json().items()}})
     save_checkpoint(config.output, name, state, architecture=model.architecture(), model_name=model.model_name)
 
@@ -177,7 +178,7 @@ def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunSt
     restore_rng_state(state.rng)
     log.info("resumed %s at epoch %d, step %d", config.output, state.epoch, state.step)
     return RunState(state.epoch, state.step, state.position, state.best_top1, state.extra.get("history", []),
-                    state.extra.get("epoch_totals", RunState().totals))
+                    state.extra.get("steps_log", []), state.extra.get("epoch_totals", RunState().totals))
 
 
 # --- building a run ----------------------------------------------------------------------------------
@@ -222,7 +223,8 @@ def seed_everything(seed: int) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a run in ``config.output``. Returns the final metrics, the per-epoch history and the
-    step log (``steps_log``: loss and learning rate every 20 steps, as in ``metrics.jsonl``)."""
+    step log (``steps_log``: loss and learning rate every 20 steps, as in ``metrics.jsonl``), both from the start
+    of the run, resumed or not."""
     recipe = config.resolved_recipe()
     distributed, device = init_distributed()
     get_precision(recipe.precision, device)
@@ -252,7 +254,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
             {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
              "in_chans": train_set.in_chans}, indent=2))
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
-    steps_log: list[dict[str, Any]] = []
     started = time.monotonic()
     val_loader = make_loader(val_set, val_sampler, batch_size, config.workers)
     stop_reason = None
@@ -298,7 +299,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if run.step % 20 == 0:
                 record = {"step": run.step, "epoch": run.epoch + micro / micro_per_epoch,
                           "train_loss": run.train_loss(), "lr": lr}
-                steps_log.append(record)
+                run.steps_log.append(record)
                 logger.log(record)
             stop_reason = stop_check(config, run, total_steps, started, mid_epoch=micro < micro_per_epoch)
             if stop_reason is None and run.step % config.checkpoint_every == 0 and distributed.is_main:
@@ -318,7 +319,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, "best_top1": run.best_top1,
-            "history": run.history, "steps_log": steps_log, "stopped": stop_reason}
+            "history": run.history, "steps_log": run.steps_log, "stopped": stop_reason}
 
 
 def stop_check(config: TrainConfig, run: RunState, total_steps: int, started: float, mid_epoch: bool) -> str | None:
