@@ -146,6 +146,27 @@ def test_int8_deploy_runs_quantized_at_any_batch_size(one_thread):
     assert deployed.report["compile_s"] == pytest.approx(sum(deployed.report["compiled_graphs"].values()), abs=0.02)
 
 
+@pytest.mark.parametrize(("precision", "channels_last"), [("int8", True), ("int8", False), ("fp32", True)])
+def test_symbolic_batch_graph_of_a_grayscale_model(precision: str, channels_last: bool, one_thread):
+    """Fashion-MNIST's compact model in small: one input channel, 28x28, a stem without stride. Its symbolic-batch
+    graph used to fail its own stride check at the first call (``expected size 8==8, stride 1==784``, Inductor's
+    oneDNN convolution lowering taking the one-channel stem input for NCHW): int8 in both layouts, fp32 and bf16
+    compiled in channels_last. The stem convolution is now given a zero channel."""
+    if precision == "int8":
+        pytest.importorskip("torchao")
+    model = create_model("xception", num_classes=10, in_chans=1, stem_stride=1, stem_padding="same", **SMALL).eval()
+    x = torch.rand(64, 1, 28, 28) * 2 - 1
+    deployed = optimize_for_inference(model, precision, x[:32], example_input=x[:32], channels_last=channels_last,
+                                      compile=True)
+    assert len(deployed.report["padded_single_channel_convs"]) == 1  # the stem's first convolution
+    with torch.no_grad():
+        expected = model(x)
+    tolerance = 0.15 if precision == "int8" else 1e-5
+    assert relative_error(deployed(x), expected) <= tolerance
+    assert relative_error(deployed(x[:5]), expected[:5]) <= tolerance
+    assert list(deployed.report["compiled_graphs"]) == ["Nx1x28x28"]
+
+
 @pytest.mark.parametrize(("name", "options"), [("xception41", {}), ("xception", {"output_stride": 16})])
 def test_int8_quantizes_every_convolution_of_the_family(name: str, options: dict, one_thread):
     """The quantized graph (before compilation) of an aligned model and of a dilated Xception: every convolution
