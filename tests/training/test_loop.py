@@ -123,21 +123,27 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, accumulation: int):
     """torchrun with 2 CPU processes of batch 16 against 1 process of 2 x 16 by gradient accumulation: the same
-    samples per micro-batch (so the same BatchNorm statistics), the same averaged gradients."""
+    samples per micro-batch (so the same BatchNorm statistics), the same averaged gradients. With accumulation in
+    the processes too, their micro-steps skip the all-reduce (no_sync) and the last one averages everything."""
     # fp32: bf16 rounding would swamp the 1e-5 comparison (the compact recipe trains in bf16 by default).
-    common = ["--epochs", "1", "--max-steps", "4", "--batch-size", "16", "--drop-rate", "0", "--ema-decay", "0",
+    # With accumulation in the processes the gradients are summed in another order ((g0 + g2) + (g1 + g3) against
+    # g0 + g1 + g2 + g3): 1e-8 apart after one step, which four steps at this learning rate amplify past 1e-5.
+    steps = "4" if accumulation == 1 else "1"
+    common = ["--epochs", "1", "--max-steps", steps, "--batch-size", "16", "--drop-rate", "0", "--ema-decay", "0",
               "--deterministic", "--precision", "fp32"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     # One thread each: a kernel's summation order depends on the thread count, and early-layer gradients are
     # sums that cancel, so two threads against one already differ by about 1e-5 after a step.
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(xception_train(*common, "--grad-accumulation", "2", "--output", str(single)), check=True,
-                   capture_output=True, env=one_thread)
+    subprocess.run(xception_train(*common, "--grad-accumulation", str(2 * accumulation), "--output", str(single)),
+                   check=True, capture_output=True, env=one_thread)
     port = str(29500 + os.getpid() % 1000)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                    "-m", "xception", "train", *TINY_ARGS, *QUICK, *common, "--output", str(ddp)],
+                    "-m", "xception", "train", *TINY_ARGS, *QUICK, *common, "--grad-accumulation", str(accumulation),
+                    "--output", str(ddp)],
                    check=True, capture_output=True, env=one_thread)
     expected, actual = weights_of(single / "last.safetensors"), weights_of(ddp / "last.safetensors")
     trained = [name for name in expected if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
