@@ -197,3 +197,5 @@ def test_step_log_covers_the_whole_run_after_a_resume(tmp_path):
     assert resumed["stopped"] == "finished"
     assert resumed["steps"] == 64
     assert [r["step"] for r in resumed["steps_log"]] == [20, 40, 60]
+    again = train(TrainConfig(resume=True, **common))  # a finished run has nothing left to do
+    assert (again["stopped"], again["steps"], len(again["history"])) == ("finished", 64, 1)

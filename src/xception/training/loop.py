@@ -256,7 +256,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
     started = time.monotonic()
     val_loader = make_loader(val_set, val_sampler, batch_size, config.workers)
-    stop_reason = None
+    # A resumed run may have nothing left to do.
+    stop_reason = "finished" if run.epoch >= recipe.epochs or run.step >= total_steps else None
 
     while stop_reason is None:
         train_sampler.set_epoch(run.epoch)
