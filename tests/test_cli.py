@@ -15,6 +15,7 @@ from keras_reference import random_keras_h5
 from torch import nn
 
 import xception
+from xception import cli
 from xception.cli import main
 from xception.weights.formats import read_safetensors_metadata
 
@@ -207,3 +208,39 @@ def test_benchmark_json(capsys):
 def test_benchmark_compare_refuses_a_different_architecture(capsys):
     assert main(["benchmark", "--compare", "--set", "middle_repeats=0"]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--epochs", "-1"], "argument --epochs: must be >= 1, got -1"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["train", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["train", "--label-smoothing", "1"], "argument --label-smoothing: must be < 1, got 1.0"),
+    (["predict", "--weights", "imagenet", "--top-k", "0", "cat.jpg"], "argument --top-k: must be >= 1, got 0"),
+    (["eval", "--weights", "imagenet", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+])
+def test_options_are_validated_where_they_are_parsed(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_config_refuses_what_the_flags_refuse() -> None:
+    from xception.training import TrainConfig
+
+    with pytest.raises(xception.XceptionError, match=r"epochs \(--epochs\) must be >= 1, got -1"):
+        TrainConfig(epochs=-1)
+    with pytest.raises(ValueError, match=r"lr \(--lr\) must be a finite number"):
+        TrainConfig(lr=float("inf"))
+
+
+def test_library_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys) -> None:
+    assert main(["summary", "xception", "--set", "middle_repeat=1"]) == 2
+    assert capsys.readouterr().err.startswith("xception summary: error: unknown Xception option(s) ['middle_repeat']")
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "command_models", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["models"])

@@ -6,7 +6,7 @@ import argparse
 import ast
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,13 @@ from .errors import InvalidArgumentError, XceptionError
 from .models import list_models
 
 PREDICT_BATCH = 16
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, refused where it is parsed, naming the flag."""
+    from .training.config import bounded
+
+    return bounded(int, minimum=minimum)
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -208,10 +215,10 @@ def command_experiment(args: argparse.Namespace) -> int:
 def add_summary_command(commands: Any) -> None:
     summary = commands.add_parser("summary", help="layer table: output shapes, parameters, MACs")
     summary.add_argument("model", choices=list_models())
-    summary.add_argument("--img-size", type=int, default=299, help="input height (and width) in pixels")
-    summary.add_argument("--width", type=int, default=None, help="input width, when it differs from the height")
-    summary.add_argument("--num-classes", type=int, default=1000)
-    summary.add_argument("--in-chans", type=int, default=3)
+    summary.add_argument("--img-size", type=at_least(1), default=299, help="input height (and width) in pixels")
+    summary.add_argument("--width", type=at_least(1), default=None, help="input width, when it differs from the height")
+    summary.add_argument("--num-classes", type=at_least(0), default=1000)
+    summary.add_argument("--in-chans", type=at_least(1), default=3)
     summary.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="architecture option, e.g. --set middle_repeats=4 --set mid_activation=relu")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -222,7 +229,7 @@ def add_models_command(commands: Any) -> None:
     models = commands.add_parser("models", help="list models and their registered weights")
     models.add_argument("--markdown", action="store_true",
                         help="print the README's model table (parameters, MACs, feature maps, weights)")
-    models.add_argument("--img-size", type=int, default=299, help="input size for the MACs column")
+    models.add_argument("--img-size", type=at_least(1), default=299, help="input size for the MACs column")
     models.set_defaults(run=command_models)
 
 
@@ -242,8 +249,8 @@ def add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
     evaluate.add_argument("--data", default="fashion-mnist")
     evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=at_least(1), default=64)
+    evaluate.add_argument("--workers", type=at_least(0), default=0)
     evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder, or "
                                            "runs/eval-MODEL-WEIGHTS)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
@@ -259,7 +266,7 @@ def add_predict_command(commands: Any) -> None:
     pred.add_argument("--checkpoint", help="a run folder or a weights file")
     pred.add_argument("--weights", help="registered weights, e.g. imagenet")
     pred.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
-    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--top-k", type=at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="one JSON object per file")
     pred.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
                       help="run the deployed model (BN folded; not compiled except for int8, which is "
@@ -271,8 +278,8 @@ def add_benchmark_command(commands: Any) -> None:
     bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
     bench.add_argument("--model", default="xception", choices=list_models())
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
-    bench.add_argument("--batch-size", type=int, default=1)
-    bench.add_argument("--img-size", type=int, default=299)
+    bench.add_argument("--batch-size", type=at_least(1), default=1)
+    bench.add_argument("--img-size", type=at_least(1), default=299)
     bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="autocast precision of the eager candidates")
     bench.add_argument("--deploy", default="", metavar="CANDIDATES",
@@ -282,11 +289,11 @@ def add_benchmark_command(commands: Any) -> None:
     bench.add_argument("--channels-last", action="store_true")
     bench.add_argument("--compile", action="store_true", help="torch.compile (compile time is reported)")
     bench.add_argument("--mode", choices=("inference", "train"), default="inference")
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
-    bench.add_argument("--iterations", type=int, default=10, help="iterations per timed run")
+    bench.add_argument("--warmup", type=at_least(0), default=3)
+    bench.add_argument("--repeats", type=at_least(1), default=5, help="timed runs; the median is reported")
+    bench.add_argument("--iterations", type=at_least(1), default=10, help="iterations per timed run")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    bench.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads")
     bench.add_argument("--compare", action="store_true", help="also measure the peers, interleaved with ours")
     bench.add_argument("--peers", default="timm,keras,inception_v3", help="comma-separated peers for --compare")
     bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report %% of peak")
@@ -301,7 +308,7 @@ def add_export_command(commands: Any) -> None:
     export.add_argument("--checkpoint", help="a run folder or a weights file")
     export.add_argument("--weights", help="registered weights of --model, e.g. imagenet")
     export.add_argument("--model", default="xception", choices=list_models())
-    export.add_argument("--img-size", type=int, help="default: the model's training or evaluation size")
+    export.add_argument("--img-size", type=at_least(1), help="default: the model's training or evaluation size")
     export.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="compare with PyTorch in onnxruntime (default: on)")
@@ -321,10 +328,10 @@ def add_experiment_command(commands: Any) -> None:
                                                         "verdicts")
     experiment.add_argument("name", help="activation, residual, spectrum, order, inception or all")
     experiment.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder with train/ and val/")
-    experiment.add_argument("--seeds", type=int, help="training runs per variant (default 3; 1 with --quick)")
+    experiment.add_argument("--seeds", type=at_least(1), help="training runs per variant (default 3; 1 with --quick)")
     experiment.add_argument("--quick", action="store_true",
                             help="one seed and a subset of the data: about 10 minutes, a smoke test, not evidence")
-    experiment.add_argument("--epochs", type=int, help="epochs per run (default 3)")
+    experiment.add_argument("--epochs", type=at_least(1), help="epochs per run (default 3)")
     experiment.add_argument("--output", type=Path, default=Path("runs/experiments"),
                             help="runs, curves, tables and JSON go here; finished runs in it are reused")
     experiment.add_argument("--docs", type=Path, help="also write DOCS/paper-reproduction.md and DOCS/figures/")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def bound_problem(value: Any, metadata: Any) -> str | None:
     """What is wrong with ``value`` under the field's bounds and choices, or None."""
     if value is None:
         return None
-    if metadata["choices"] and value not in metadata["choices"]:
+    if metadata.get("choices") and value not in metadata["choices"]:
         return f"must be one of {', '.join(metadata['choices'])}, got {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
@@ -103,7 +104,7 @@ def bound_problem(value: Any, metadata: Any) -> str | None:
                              ("maximum", lambda v, b: v <= b, "must be <= {}"),
                              ("above", lambda v, b: v > b, "must be > {}"),
                              ("below", lambda v, b: v < b, "must be < {}")):
-        bound = metadata[key]
+        bound = metadata.get(key)
         if bound is not None and not test(value, bound):
             return f"{words.format(bound)}, got {value}"
     return None
@@ -131,16 +132,22 @@ def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str
                                 choices=choices)
 
 
-def checked_type(item: Any):
-    """An argparse type that parses the field's type and refuses values outside its bounds, naming the flag."""
+def checked_type(item: Any) -> Callable[[str], Any]:
+    """The argparse type of a TrainConfig field: its type, and its bounds checked where the flag is parsed."""
     kind = {"int | None": int, "int": int, "float | None": float, "float": float, "Path": Path}.get(item.type, str)
+    return bounded(kind, **{key: item.metadata[key] for key in ("minimum", "maximum", "above", "below")})
+
+
+def bounded(kind: type, **bounds: float | None) -> Callable[[str], Any]:
+    """An argparse type that parses ``kind`` and refuses values outside ``bounds`` (minimum, maximum, above,
+    below), so that argparse names the flag in the error."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        problem = bound_problem(value, {**item.metadata, "choices": None})
+        problem = bound_problem(value, bounds)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return value
