@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,17 @@ class TrainConfig:
                                     "global batch)", above=0, recipe=True)
     img_size: int | None = option(None, "training and evaluation image size (default: the recipe's)", minimum=8,
                                   recipe=True)
+    weights: str | None = option(None, "start from pretrained weights: a registered name (imagenet, tf_in1k...), "
+                                       "a weight file of any format the library reads, or a finished run folder "
+                                       "(its architecture too); a new class count gets a new classifier")
+    freeze_epochs: int | None = option(None, "epochs that train the classifier alone, the rest frozen (default: "
+                                             "the recipe's)", minimum=0, recipe=True)
+    layer_decay: float | None = option(None, "learning rate x this ** depth, depth in blocks from the classifier "
+                                             "(default: the recipe's)", above=0, maximum=1, recipe=True)
+    freeze_bn: bool | None = option(None, "keep BatchNorm running statistics frozen (default: the recipe's)",
+                                    recipe=True)
+    freeze: str | None = option(None, "keep the parameters whose names match this regular expression frozen "
+                                      "throughout, e.g. '^blocks\\.block[1-4]\\.'")
     output: Path = option(Path("runs/xception"), "run folder: checkpoints, metrics, curves")
     resume: bool = option(False, "continue the run in --output where it stopped")
     seed: int = option(0, "random seed (data order, augmentation, initialisation)", minimum=0)
@@ -73,6 +85,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
+        if self.freeze is not None:
+            try:
+                re.compile(self.freeze)
+            except re.error as error:
+                raise InvalidArgumentError(f"freeze (--freeze) is not a regular expression: {error}") from None
         self.model_options = dict(self.model_options)
         for item in fields(self):
             problem = bound_problem(getattr(self, item.name), item.metadata)
@@ -122,6 +139,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str
         if item.name == "model_options":
             parser.add_argument(name, dest=item.name, action="append", default=[], metavar="KEY=VALUE",
                                 help=metadata["help"])
+        elif item.type == "bool | None":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif item.type == "bool" and default:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=True, help=help_text)
         elif item.type == "bool":

@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
-from ..models import create_model
 from ..precision import get_precision
 from .checkpoint import TrainingState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import build_datasets, make_loader
+from .finetune import build_model, parameter_groups, set_trainable
 from .metrics import MetricsLogger, evaluate, plot_history
 from .recipes import Recipe
 from .step import forward_backward, optimizer_step
@@ -185,9 +185,7 @@ def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunSt
 
 def build_trainer(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int, device: torch.device,
                   distributed: Distributed) -> Trainer:
-    options = {**recipe.model_options, **config.model_options}
-    model = create_model(recipe.model, num_classes=num_classes, in_chans=in_chans, drop_rate=recipe.drop_rate,
-                         **options).to(device)
+    model = build_model(config.weights, recipe, config.model_options, num_classes, in_chans).to(device)
     if config.sync_bn and distributed.world_size > 1:
         if device.type == "cpu":
             raise InvalidArgumentError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -199,10 +197,7 @@ def build_trainer(config: TrainConfig, recipe: Recipe, num_classes: int, in_chan
 
 
 def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    # Weight decay applies to weights, not to BN parameters and biases (as Keras's kernel regularizers do).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = parameter_groups(model, recipe)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
     if recipe.optimizer == "rmsprop":
@@ -211,6 +206,18 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=recipe.lr)
     raise InvalidArgumentError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def start_epoch(trainer: Trainer, run: RunState, config: TrainConfig, recipe: Recipe,
+                distributed: Distributed) -> tuple[nn.Module, nn.Module]:
+    """Training mode, and what trains in this epoch's phase (the classifier alone for the first ``freeze_epochs``);
+    returns the module to step and its (DDP-wrapped, compiled) forward. DDP is wrapped per phase: it fixes the
+    set of parameters it reduces when it is built."""
+    trainer.model.train()
+    set_trainable(trainer.model, head_only=run.epoch < recipe.freeze_epochs, freeze=config.freeze,
+                  freeze_bn=recipe.freeze_bn)
+    wrapped = DistributedDataParallel(trainer.model) if distributed.world_size > 1 else trainer.model
+    return wrapped, torch.compile(wrapped) if config.compile else wrapped
 
 
 def seed_everything(seed: int) -> None:
@@ -247,8 +254,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     global_batch = batch_size * accumulation * distributed.world_size
     run = resume_run(trainer, config, num_classes) if config.resume else RunState()
 
-    wrapped = DistributedDataParallel(model) if distributed.world_size > 1 else model
-    forward = torch.compile(wrapped) if config.compile else wrapped
     if distributed.is_main:
         write_text_atomic(config.output / "config.json", json.dumps(
             {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
@@ -263,7 +268,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         train_sampler.set_epoch(run.epoch)
         train_sampler.set_start(run.position)
         loader = make_loader(train_set, train_sampler, batch_size, config.workers, drop_last=True)
-        model.train()
+        wrapped, forward = start_epoch(trainer, run, config, recipe, distributed)
         micro = run.position // batch_size  # micro-batches of this epoch already done
         bar = tqdm(total=steps_per_epoch, initial=micro // accumulation, unit="step",
                    desc=f"epoch {run.epoch + 1}/{recipe.epochs}",

@@ -30,10 +30,11 @@ def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                    lr: float | None = None, clip_grad_norm: float | None = None) -> None:
-    """Set the learning rate (if given), clip the gradient norm (if asked), step, and clear the gradients."""
+    """Set the learning rate (if given, times each group's ``lr_scale``), clip the gradient norm (if asked), step,
+    and clear the gradients."""
     if lr is not None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay scales each depth's rate
     if clip_grad_norm:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)

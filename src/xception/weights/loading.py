@@ -16,10 +16,12 @@ from .formats import WeightFileError, read_weights
 from .registered import Weights, get_weights
 
 
-def load_weights(model: nn.Module, weights: str | Path) -> str:
+def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = False) -> str:
     """Load a registered name (or ``"default"``) or a weight file into ``model``; returns the detected format.
 
-    ``model.pretrained_weights`` becomes the registered :class:`Weights` (None for a file).
+    ``model.pretrained_weights`` becomes the registered :class:`Weights` (None for a file). ``new_head``: a file
+    whose classifier does not fit the model (another class count) loads all but the classifier, which keeps its
+    initialisation: fine-tuning on new classes.
 
     A registered name is fetched (cached, checksum-verified) in the variant that fits the model: for another
     class count that is the file without classifier, and the model's new head keeps its initialisation.
@@ -37,12 +39,15 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
         if model.num_classes != registered.num_classes:
             may_lack = ("head.",)
     file_format, state = read_weights(path, model)
+    expected = model.state_dict()
+    if new_head and any(name.startswith("head.") and (name not in expected or tensor.shape != expected[name].shape)
+                        for name, tensor in state.items()):
+        may_lack = ("head.",)
     if may_lack:  # a file with the pretrained classifier (no no-top variant published): keep the model's new head
         state = {name: tensor for name, tensor in state.items() if not name.startswith(may_lack)}
     if registered is not None:
         adapt_input_conv(model, state)
     check_fits(model, state, path, file_format, may_lack=may_lack)
-    expected = model.state_dict()
     # BatchNorm's step counter is not a weight; files from other frameworks do not have it.
     model.load_state_dict({name: state.get(name, expected[name]) for name in expected})
     # Remembered as timm keeps pretrained_cfg: the weights' transforms() are one attribute away.

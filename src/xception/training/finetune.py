@@ -1,0 +1,92 @@
+"""Starting from pretrained weights: which model to build, loading it, and what trains when.
+
+Fine-tuning follows the practice the ``finetune`` recipe cites: first the classifier alone on a frozen backbone
+(its BatchNorm layers in inference mode, so that a few batches of new data cannot wreck statistics learnt on
+millions of images), then the whole network with layer-wise learning-rate decay (the deeper from the classifier,
+the smaller the step), optionally with the BatchNorm statistics frozen throughout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from ..models import create_model
+from ..weights import load_weights
+from .checkpoint import read_architecture
+from .recipes import Recipe
+
+HEAD = "head."
+
+
+def build_model(weights: str | None, recipe: Recipe, model_options: dict[str, Any], num_classes: int,
+                in_chans: int) -> nn.Module:
+    """The model to train: the recipe's (with ``model_options``), or a finished run's architecture when
+    ``weights`` is a run folder; then the pretrained ``weights`` loaded into it, the classifier new where the class
+    count differs."""
+    name, options = recipe.model, {**recipe.model_options, **model_options}
+    if weights is not None and Path(weights).is_dir():
+        name, architecture = read_architecture(Path(weights))
+        # The run's architecture; the data decides the classes and the channels; the recipe the dropout.
+        options = {key: value for key, value in architecture.items()
+                   if key not in ("num_classes", "in_chans", "drop_rate", "drop_path_rate")}
+        weights = str(run_weights(Path(weights)))
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=recipe.drop_rate, **options)
+    if weights is not None:
+        load_weights(model, weights, new_head=True)
+    return model
+
+
+def run_weights(folder: Path) -> Path:
+    """A finished run's weights: its best checkpoint, else its last."""
+    for name in ("best.safetensors", "last.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InvalidArgumentError(f"{folder} is a folder but holds no run's weights (best.safetensors or "
+                               "last.safetensors): give a run folder, a weight file or a registered name")
+
+
+def block_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth in blocks from the classifier: the head 0, the last block 1, ..., the stem deepest."""
+    blocks = [name for name, _ in model.blocks.named_children()]
+    depths = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(HEAD):
+            depths[name] = 0
+        else:
+            block = name.split(".")[1]
+            depths[name] = len(blocks) - blocks.index(block)
+    return depths
+
+
+def parameter_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay for weights but not for BatchNorm parameters and biases (as Keras's kernel
+    regularizers do), and with layer decay one pair of groups per depth, each with its ``lr_scale``."""
+    depths = block_depths(model) if recipe.layer_decay else {}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
+        depth, decayed = depths.get(name, 0), parameter.ndim > 1
+        group = groups.setdefault((depth, decayed), {
+            "params": [], "weight_decay": recipe.weight_decay if decayed else 0.0,
+            "lr_scale": recipe.layer_decay ** depth if recipe.layer_decay else 1.0})
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
+
+
+def set_trainable(model: nn.Module, *, head_only: bool, freeze: str | None, freeze_bn: bool) -> None:
+    """What trains in this phase (call after ``model.train()``): the classifier alone or everything, minus the
+    parameters ``freeze`` matches. BatchNorm layers whose parameters are frozen, and all of them with
+    ``freeze_bn``, run in inference mode, so their running statistics stay as they are."""
+    pattern = re.compile(freeze) if freeze else None
+    for name, parameter in model.named_parameters():
+        frozen = (head_only and not name.startswith(HEAD)) or bool(pattern and pattern.search(name))
+        parameter.requires_grad_(not frozen)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+            if freeze_bn or not trainable:
+                module.eval()

@@ -1,0 +1,109 @@
+"""Fine-tuning from pretrained weights: the head-only phase, frozen BatchNorm statistics, layer-wise learning
+rates, and exact resume in either phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import xception
+from xception.training import TrainConfig, train
+from xception.training import loop as loop_module
+from xception.training.finetune import block_depths, parameter_groups
+from xception.training.recipes import get_recipe
+from xception.training.step import optimizer_step
+
+# A narrow compact network: every run here trains in seconds.
+TINY = {"stem_stride": 1, "stem_padding": "same", "stem_widths": (8, 16), "entry_widths": (16, 32),
+        "middle_repeats": 1, "exit_widths": (32, 48), "tail_widths": (48, 64), "bn_momentum": 0.1}
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """Weights of another task (5 classes), with BatchNorm statistics of their own, so that any change shows."""
+    torch.manual_seed(0)
+    model = xception.create_model("xception", num_classes=5, in_chans=1, **TINY)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return xception.save_weights(model, tmp_path_factory.mktemp("pretrained") / "five.safetensors")
+
+
+def finetune(pretrained: Path, output: Path, **overrides) -> dict:
+    options = {"data": "fashion-mnist", "recipe": "finetune", "weights": str(pretrained), "model_options": TINY,
+               "img_size": 28, "batch_size": 32, "train_subset": 256, "val_subset": 100, "epochs": 2,
+               "freeze_epochs": 1, "precision": "fp32", "deterministic": True, "progress": False, "output": output,
+               **overrides}
+    return train(TrainConfig(**options))
+
+
+def test_head_only_phase_leaves_everything_but_the_classifier_bitwise_unchanged(pretrained, tmp_path):
+    finetune(pretrained, tmp_path, epochs=1, freeze_bn=False)
+    before, after = load_file(pretrained), load_file(tmp_path / "last.safetensors")
+    backbone = [name for name in before if not name.startswith("head.")]
+    assert backbone and all(torch.equal(before[name], after[name]) for name in backbone)
+    assert after["head.predictions.weight"].shape == (10, 64)  # a new classifier for the 10 new classes
+    assert not torch.equal(after["head.predictions.weight"], torch.zeros_like(after["head.predictions.weight"]))
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_the_running_statistics(pretrained, tmp_path, freeze_bn: bool):
+    finetune(pretrained, tmp_path, freeze_bn=freeze_bn)
+    before, after = load_file(pretrained), load_file(tmp_path / "last.safetensors")
+    statistics = [name for name in before if name.endswith(STATISTICS)]
+    weights = [name for name in before if name.endswith("weight") and not name.startswith("head.")]
+    assert not all(torch.equal(before[name], after[name]) for name in weights)  # the backbone trained
+    unchanged = all(torch.equal(before[name], after[name]) for name in statistics)
+    assert unchanged == freeze_bn
+
+
+def test_each_group_learns_at_base_rate_times_decay_to_its_depth():
+    model = xception.create_model("xception", num_classes=3, **TINY)
+    recipe = get_recipe("finetune", layer_decay=0.5)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe), lr=1.0)
+    optimizer_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), lr=0.2)
+    depths = block_depths(model)
+    blocks = [name for name, _ in model.blocks.named_children()]
+    assert depths["head.predictions.weight"] == 0
+    assert depths[f"blocks.{blocks[-1]}.layers.sepconv1.depthwise.weight"] == 1
+    assert depths["blocks.block1.conv1.weight"] == len(blocks)
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert rate[id(parameter)] == pytest.approx(0.2 * 0.5 ** depths[name]), name
+    decayed = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decayed[id(model.blocks.block1.conv1.weight)] == recipe.weight_decay
+    assert decayed[id(model.blocks.block1.conv1_bn.weight)] == 0.0
+
+
+@pytest.mark.parametrize("stop_at", [4, 12])  # 8 steps an epoch: in the head-only phase, then in the full one
+def test_a_run_interrupted_in_either_phase_resumes_bit_for_bit(pretrained, tmp_path, monkeypatch, stop_at: int):
+    finetune(pretrained, tmp_path / "reference")
+    original = loop_module.stop_check
+
+    def interrupt(config, run, total_steps, started, mid_epoch):
+        return "interrupted" if run.step == stop_at else original(config, run, total_steps, started, mid_epoch)
+
+    monkeypatch.setattr(loop_module, "stop_check", interrupt)
+    assert finetune(pretrained, tmp_path / "resumed")["stopped"] == "interrupted"
+    monkeypatch.setattr(loop_module, "stop_check", original)
+    assert finetune(pretrained, tmp_path / "resumed", resume=True)["stopped"] == "finished"
+    expected, actual = load_file(tmp_path / "reference" / "last.safetensors"), load_file(
+        tmp_path / "resumed" / "last.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_a_run_folder_brings_its_architecture(pretrained, tmp_path):
+    first = tmp_path / "first"
+    finetune(pretrained, first, epochs=1)
+    # No model options: the architecture comes from the run's checkpoint.
+    result = train(TrainConfig(data="fashion-mnist", recipe="finetune", weights=str(first), img_size=28,
+                               batch_size=32, train_subset=128, val_subset=50, epochs=1, freeze_epochs=1,
+                               precision="fp32", progress=False, output=tmp_path / "second"))
+    assert result["steps"] == 4
+    assert load_file(tmp_path / "second" / "last.safetensors")["blocks.block1.conv1.weight"].shape == (8, 1, 3, 3)
