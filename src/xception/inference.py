@@ -224,6 +224,9 @@ def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_siz
     from .data import ResumableSampler, collate_skipping
 
     dataset = dataset_for(loaded, data, split)
+    if not loaded.registered and len(loaded.classes) < len(dataset.classes) and set(loaded.classes) <= set(
+            dataset.classes):
+        dataset = dataset.subset(loaded.classes)  # a run trained on some of the data's classes (--classes)
     if len(dataset.classes) != loaded.model.num_classes:
         raise InvalidArgumentError(f"the data has {len(dataset.classes)} classes but the model "
                                    f"{loaded.model.num_classes}")

@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import xception
 import xception.data.fashion_mnist as fashion_mnist
 from xception.data import (
     FASHION_MNIST_CLASSES,
@@ -509,3 +510,29 @@ def test_transforms_reject_bad_arguments() -> None:
         eval_transform(28, 1, resize_ratio=0.5)
     with pytest.raises(ValueError, match="uint8"):
         eval_transform(28, 1)(torch.zeros(28, 28))
+
+
+def test_subset_by_name_and_index_renumbers_and_keeps_names() -> None:
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1).expand(12, 4, 4).contiguous()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    dataset = ImageDataset.in_memory(images, labels, eval_transform(4, 1), ["cat", "dog", "fox"])
+    subset = dataset.subset(["fox", "0"], per_class=2)
+    assert subset.classes == ["fox", "cat"]
+    assert subset.source.label_list() == [1, 0, 1, 0]  # cat 0, fox 2, cat 3, fox 5 -> cat 1, fox 0
+    assert subset.source.images[:, 0, 0, 0].tolist() == [0, 2, 3, 5]
+    with pytest.raises(xception.XceptionError, match="no class 'owl'; the classes are cat, dog, fox"):
+        dataset.subset(["owl"])
+    with pytest.raises(xception.XceptionError, match="class index 7 is out of range"):
+        dataset.subset([7])
+
+
+def test_subset_of_a_folder(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "train" / name / f"{i}.png")
+    dataset = ImageDataset.from_folder(tmp_path, "train", eval_transform(8, 1))
+    subset = dataset.subset(["c", "a"], per_class=1)
+    assert subset.classes == ["c", "a"] and len(subset) == 2
+    assert [path.parent.name for path, _ in subset.source.files] == ["a", "c"]
+    assert subset.source.label_list() == [1, 0]

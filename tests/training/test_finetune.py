@@ -3,6 +3,7 @@ rates, and exact resume in either phase."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,16 @@ def test_a_run_folder_brings_its_architecture(pretrained, tmp_path):
                                precision="fp32", progress=False, output=tmp_path / "second"))
     assert result["steps"] == 4
     assert load_file(tmp_path / "second" / "last.safetensors")["blocks.block1.conv1.weight"].shape == (8, 1, 3, 3)
+
+
+def test_a_few_images_of_some_classes_and_eval_on_those_classes(pretrained, tmp_path, capsys):
+    from xception.cli import main
+
+    result = finetune(pretrained, tmp_path, classes="Sandal,Shirt,7", train_per_class=32, train_subset=None,
+                      val_subset=None, epochs=1)
+    assert result["steps"] == 3  # 96 images at 32 a batch
+    assert json.loads((tmp_path / "config.json").read_text())["classes"] == ["Sandal", "Shirt", "Sneaker"]
+    # eval on the whole test split picks the run's classes out of the data's ten by name
+    assert main(["eval", "--checkpoint", str(tmp_path), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["samples"] == 3000 and len(metrics["per_class"]) == 3

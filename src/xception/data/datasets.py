@@ -142,6 +142,12 @@ class _TensorImages:
     def load(self, index: int) -> tuple[ImageInput, int]:
         return self.images[index], int(self.labels[index])
 
+    def label_list(self) -> list[int]:
+        return self.labels.tolist()
+
+    def select(self, indices: list[int], labels: list[int]) -> _TensorImages:
+        return _TensorImages(self.images[indices], torch.tensor(labels, dtype=torch.int64))
+
 
 @dataclass(frozen=True)
 class _ImageFiles:
@@ -150,6 +156,13 @@ class _ImageFiles:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def label_list(self) -> list[int]:
+        return [label for _, label in self.files]
+
+    def select(self, indices: list[int], labels: list[int]) -> _ImageFiles:
+        return _ImageFiles(tuple((self.files[i][0], label) for i, label in zip(indices, labels, strict=True)),
+                           self.mode)
 
     def load(self, index: int) -> tuple[ImageInput, int] | None:
         path, label = self.files[index]
@@ -257,6 +270,36 @@ class ImageDataset(Dataset):
         in_chans = 1 if opened and all(opened) else 3
         files = tuple((path, label) for label, name in enumerate(classes) for path in per_class[name])
         return cls(_ImageFiles(files, "L" if in_chans == 1 else "RGB"), transform, classes, in_chans, seed)
+
+    def subset(self, classes: Sequence[str | int] | None = None, per_class: int | None = None) -> ImageDataset:
+        """These classes only (names or indices, in the order given; labels renumbered from 0, names kept), and at
+        most the first ``per_class`` samples of each: for small and partial sets."""
+        chosen = list(range(len(self.classes))) if classes is None else [self._class_index(c) for c in classes]
+        if len(set(chosen)) != len(chosen):
+            raise InvalidArgumentError(f"classes repeated in {list(classes)}")
+        new_label = {old: new for new, old in enumerate(chosen)}
+        taken = dict.fromkeys(chosen, 0)
+        indices, labels = [], []
+        for index, label in enumerate(self.source.label_list()):
+            if label in new_label and (per_class is None or taken[label] < per_class):
+                taken[label] += 1
+                indices.append(index)
+                labels.append(new_label[label])
+        missing = [self.classes[label] for label, count in taken.items() if count == 0]
+        if missing:
+            raise InvalidArgumentError(f"no samples of the classes {missing} in this split")
+        return ImageDataset(self.source.select(indices, labels), self.transform, [self.classes[c] for c in chosen],
+                            self.in_chans, self.seed)
+
+    def _class_index(self, name: str | int) -> int:
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit() and name not in self.classes):
+            index = int(name)
+            if not 0 <= index < len(self.classes):
+                raise InvalidArgumentError(f"class index {index} is out of range: {len(self.classes)} classes")
+            return index
+        if name not in self.classes:
+            raise InvalidArgumentError(f"no class {name!r}; the classes are {', '.join(self.classes)}")
+        return self.classes.index(name)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -79,6 +79,9 @@ class TrainConfig:
     checkpoint_every: int = option(200, "optimizer steps between 'last' checkpoints (and at each epoch end)",
                                    minimum=1)
     max_steps: int | None = option(None, "stop after this many optimizer steps", minimum=1)
+    classes: str | None = option(None, "train on these classes only: comma-separated names or indices (labels are "
+                                       "renumbered in this order, the names kept)")
+    train_per_class: int | None = option(None, "train on the first N images of each class only", minimum=1)
     train_subset: int | None = option(None, "train on the first N images only", minimum=1)
     val_subset: int | None = option(None, "evaluate on the first N validation images only", minimum=1)
     progress: bool = option(True, "progress bars", cli=False)
@@ -100,6 +103,10 @@ class TrainConfig:
         """The recipe with every option this config sets (not None) in place of the recipe's value."""
         return get_recipe(self.recipe, **{item.name: getattr(self, item.name) for item in fields(self)
                                           if item.metadata["recipe"]})
+
+    def class_list(self) -> list[str] | None:
+        """``classes`` as a list of names or indices."""
+        return None if self.classes is None else [name.strip() for name in self.classes.split(",") if name.strip()]
 
     def to_json(self) -> dict[str, Any]:
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}

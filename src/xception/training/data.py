@@ -31,6 +31,9 @@ def build_datasets(config: TrainConfig, recipe: Recipe, distributed: Distributed
     The training sampler shards in chunks of one batch: the ranks' batches of a step form the same global batch
     as one process would see."""
     train, val = load_split_datasets(config, recipe)
+    if config.classes is not None or config.train_per_class is not None:
+        train = train.subset(config.class_list(), config.train_per_class)
+        val = val.subset(config.class_list())
     train_sampler = ResumableSampler(len(train), shuffle=True, seed=config.seed, rank=distributed.rank,
                                      world_size=distributed.world_size, drop_last=True, chunk=recipe.batch_size)
     val_sampler = ResumableSampler(len(val), shuffle=False, rank=distributed.rank, world_size=distributed.world_size)
