@@ -165,13 +165,20 @@ def command_eval(args: argparse.Namespace) -> int:
     else:
         output = Path("runs") / f"eval-{args.model}-{args.weights}"
     figure = plot_confusion(metrics["confusion"], classes, output / f"confusion-{args.split}.png")
-    print(f"{args.split}: top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {metrics['samples']} images"
+    scores = [f"top-1 {metrics['top1']:.4f}", f"top-5 {metrics['top5']:.4f}",
+              f"balanced accuracy {metrics['balanced_accuracy']:.4f}"]
+    # Binary tasks only; None where the split holds one class, and there is no curve to measure.
+    for key, label in (("roc_auc", "ROC AUC"), ("eer", "EER")):
+        if key in metrics:
+            scores.append(f"{label} " + ("n/a (one class)" if metrics[key] is None else f"{metrics[key]:.4f}"))
+    print(f"{args.split}: {', '.join(scores)} on {metrics['samples']} images"
           + (f" ({metrics['skipped']} unreadable, skipped)" if metrics["skipped"] else ""))
     for name, accuracy in zip(classes, metrics["per_class"], strict=True):
         print(f"  {name:<24} {accuracy:.4f}")
     print(f"confusion matrix: {figure}")
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("top1", "top5", "loss", "samples", "skipped", "per_class")}))
+        keys = ("top1", "top5", "balanced_accuracy", "roc_auc", "eer", "loss", "samples", "skipped", "per_class")
+        print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
     return 0
 
 
