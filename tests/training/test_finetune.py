@@ -121,3 +121,37 @@ def test_a_few_images_of_some_classes_and_eval_on_those_classes(pretrained, tmp_
     assert main(["eval", "--checkpoint", str(tmp_path), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["samples"] == 3000 and len(metrics["per_class"]) == 3
+
+
+AUGMENTED = {"augmentation": "randaugment", "mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.25,
+             "class_weights": "balanced"}
+
+
+def test_augmented_run_records_its_options_and_resumes_bit_for_bit(pretrained, tmp_path, monkeypatch):
+    """MixUp/CutMix draw from torch's random state and RandAugment from the per-sample seeded one: both are
+    reproduced after an interruption."""
+    finetune(pretrained, tmp_path / "reference", **AUGMENTED)
+    recorded = json.loads((tmp_path / "reference" / "config.json").read_text())
+    assert {key: recorded["train"][key] for key in AUGMENTED} == AUGMENTED
+    assert {key: recorded["recipe"][key] for key in AUGMENTED} == AUGMENTED
+    original = loop_module.stop_check
+    monkeypatch.setattr(loop_module, "stop_check", lambda config, run, *rest, **kw: "interrupted" if run.step == 11
+                        else original(config, run, *rest, **kw))
+    finetune(pretrained, tmp_path / "resumed", **AUGMENTED)
+    monkeypatch.setattr(loop_module, "stop_check", original)
+    finetune(pretrained, tmp_path / "resumed", resume=True, **AUGMENTED)
+    expected, actual = load_file(tmp_path / "reference" / "last.safetensors"), load_file(
+        tmp_path / "resumed" / "last.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_balanced_class_weights_follow_the_counts():
+    from xception.data import ImageDataset, eval_transform
+    from xception.training.data import class_weights
+
+    labels = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
+    dataset = ImageDataset.in_memory(torch.zeros(10, 4, 4, dtype=torch.uint8), labels, eval_transform(4, 1),
+                                     ["a", "b", "c"])
+    weights = class_weights(dataset, get_recipe("finetune", class_weights="balanced"))
+    torch.testing.assert_close(weights, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
+    assert class_weights(dataset, get_recipe("finetune")) is None

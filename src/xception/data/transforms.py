@@ -118,7 +118,7 @@ class ClassificationTransform:
         return self._preset(image)
 
 
-_TRAIN_STYLES = ("inception", "compact")
+_TRAIN_STYLES = ("inception", "compact", "none", "basic", "randaugment", "trivialaugment")
 
 ImageInput = Image.Image | torch.Tensor
 Transform = Callable[[ImageInput], torch.Tensor]
@@ -206,6 +206,9 @@ def _check_channels(in_chans: int) -> None:
 def train_transform(img_size: int, in_chans: int, style: str, *, erasing: float = 0.0) -> Transform:
     """Training augmentation: PIL image or uint8 tensor -> float (in_chans, img_size, img_size) in [-1, 1].
 
+    "none": resize only. "basic": random resized crop (scale 0.35-1) and flip; "randaugment" and "trivialaugment"
+    add torchvision's policies (Cubuk et al. 2020; Müller and Hutter 2021) after them.
+
     "inception": RandomResizedCrop (scale 0.08-1), horizontal flip and, for RGB, mild colour jitter; the recipe
     for photographs at ImageNet scale. "compact": for small images such as Fashion-MNIST or CIFAR, where a random
     resized crop destroys too much: resize to img_size if needed, pad by 4 and crop back at random, flip.
@@ -220,6 +223,17 @@ def train_transform(img_size: int, in_chans: int, style: str, *, erasing: float 
             steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
     elif style == "compact":
         steps = [_ToImageTensor(in_chans), _ResizeCrop(img_size, img_size), _PadCropFlip(padding=4)]
+    elif style == "none":
+        steps = [_ToImageTensor(in_chans), _ResizeCrop((img_size, img_size))]
+    elif style in ("basic", "randaugment", "trivialaugment"):
+        # Fine-tuning on few images: a milder crop than Inception's (a third of the image at least) and a flip;
+        # then torchvision's automatic augmentation policies, which work on uint8 images of 1 or 3 channels.
+        steps = [_ToImageTensor(in_chans), v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
+                 v2.RandomHorizontalFlip()]
+        if style == "randaugment":
+            steps.append(v2.RandAugment())
+        elif style == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
     else:
         raise InvalidArgumentError(f"style must be one of {', '.join(_TRAIN_STYLES)}, got {style!r}")
     steps.append(_Normalize())

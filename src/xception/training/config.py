@@ -52,6 +52,15 @@ class TrainConfig:
                                              "(default: the recipe's)", above=0, maximum=1, recipe=True)
     freeze_bn: bool | None = option(None, "keep BatchNorm running statistics frozen (default: the recipe's)",
                                     recipe=True)
+    augmentation: str | None = option(None, "training augmentation (default: the recipe's)", recipe=True,
+                                      flag="--augment", choices=("none", "basic", "randaugment", "trivialaugment",
+                                                                 "inception", "compact"))
+    mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True)
+    cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True)
+    random_erasing: float | None = option(None, "probability of random erasing (default: the recipe's)",
+                                          minimum=0, maximum=1, recipe=True)
+    class_weights: str | None = option(None, "'balanced': weight the loss of each class by its rarity (default: "
+                                             "the recipe's)", recipe=True, choices=("balanced",))
     freeze: str | None = option(None, "keep the parameters whose names match this regular expression frozen "
                                       "throughout, e.g. '^blocks\\.block[1-4]\\.'")
     output: Path = option(Path("runs/xception"), "run folder: checkpoints, metrics, curves")

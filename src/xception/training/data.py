@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from ..data import (
     FASHION_MNIST_CLASSES,
@@ -49,7 +51,8 @@ def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDatas
         if config.val_subset:
             test_images, test_labels = test_images[: config.val_subset], test_labels[: config.val_subset]
         classes = list(FASHION_MNIST_CLASSES)
-        train = ImageDataset.in_memory(images, labels, train_transform(recipe.img_size, 1, recipe.augmentation),
+        train = ImageDataset.in_memory(images, labels, train_transform(recipe.img_size, 1, recipe.augmentation,
+                                                                       erasing=recipe.random_erasing),
                                        classes, seed=config.seed)
         val = ImageDataset.in_memory(test_images, test_labels, eval_transform(recipe.img_size, 1), classes)
         return train, val
@@ -57,7 +60,8 @@ def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDatas
     # The folder's channel count is known once it is scanned, and the transforms depend on it.
     train = ImageDataset.from_folder(root, "train", None, seed=config.seed)
     val = ImageDataset.from_folder(root, "val", None, classes=train.classes)
-    train.transform = train_transform(recipe.img_size, train.in_chans, recipe.augmentation)
+    train.transform = train_transform(recipe.img_size, train.in_chans, recipe.augmentation,
+                                      erasing=recipe.random_erasing)
     val.transform = eval_transform(recipe.img_size, train.in_chans, recipe.eval_resize_ratio)
     val.in_chans = train.in_chans
     return train, val
@@ -69,3 +73,23 @@ def make_loader(dataset: ImageDataset, sampler: ResumableSampler, batch_size: in
     # creates its iterator at another moment) would see different dropout masks.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
+
+
+def batch_mixer(recipe: Recipe, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """MixUp and/or CutMix on a batch (torchvision's transforms.v2, one of the two per batch when both are on):
+    images and integer labels -> mixed images and soft targets. None when both are off. They draw from torch's
+    global random state, which checkpoints carry, so a resumed run mixes as the uninterrupted one would."""
+    mixers = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, recipe.mixup),
+                                                                          (v2.CutMix, recipe.cutmix)) if alpha > 0]
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def class_weights(dataset: ImageDataset, recipe: Recipe) -> torch.Tensor | None:
+    """Per-class loss weights: "balanced" gives each class N / (classes x its count), as scikit-learn's
+    compute_class_weight does, so that rare classes count as much as common ones."""
+    if recipe.class_weights is None:
+        return None
+    counts = torch.bincount(torch.tensor(dataset.source.label_list()), minlength=len(dataset.classes)).double()
+    return (counts.sum() / (len(counts) * counts.clamp(min=1))).float()

@@ -34,7 +34,7 @@ from ..files import write_text_atomic
 from ..precision import get_precision
 from .checkpoint import TrainingState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
-from .data import build_datasets, make_loader
+from .data import batch_mixer, build_datasets, class_weights, make_loader
 from .finetune import build_model, parameter_groups, set_trainable
 from .metrics import MetricsLogger, evaluate, plot_history
 from .recipes import Recipe
@@ -261,6 +261,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
     started = time.monotonic()
     val_loader = make_loader(val_set, val_sampler, batch_size, config.workers)
+    weights = class_weights(train_set, recipe)
+    batch_options = {"mixer": batch_mixer(recipe, num_classes), "accumulation": accumulation,
+                     "class_weights": None if weights is None else weights.to(device)}
     # A resumed run may have nothing left to do.
     stop_reason = "finished" if run.epoch >= recipe.epochs or run.step >= total_steps else None
 
@@ -284,15 +287,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             sync = contextlib.nullcontext() if last_micro_step or distributed.world_size == 1 else wrapped.no_sync()
             if len(labels):
                 with sync:
-                    loss, logits = forward_backward(
-                        forward, *to_device(images, labels, device, config.channels_last),
-                        precision=recipe.precision, scaler=trainer.scaler, label_smoothing=recipe.label_smoothing,
-                        accumulation=accumulation)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch "
-                                        f"{run.epoch + 1}); the last good checkpoint in {config.output} is kept: "
-                                        "lower the learning rate or use --clip-grad-norm")
-                run.count_batch(loss, logits, labels)
+                    micro_step(forward, images, labels, run, trainer, config, recipe, device, batch_options)
             if not last_micro_step:
                 continue
             lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, total_steps)
@@ -326,6 +321,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
         dist.destroy_process_group()
     return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, "best_top1": run.best_top1,
             "history": run.history, "steps_log": run.steps_log, "stopped": stop_reason}
+
+
+def micro_step(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: RunState, trainer: Trainer,
+               config: TrainConfig, recipe: Recipe, device: torch.device, options: dict[str, Any]) -> None:
+    """Forward and backward of one micro-batch (mixed by MixUp/CutMix where on); stops on a non-finite loss."""
+    images, labels = to_device(images, labels, device, config.channels_last)
+    images, targets = (images, labels) if options["mixer"] is None else options["mixer"](images, labels)
+    loss, logits = forward_backward(forward, images, targets, precision=recipe.precision, scaler=trainer.scaler,
+                                    label_smoothing=recipe.label_smoothing, accumulation=options["accumulation"],
+                                    class_weights=options["class_weights"])
+    if not torch.isfinite(loss):
+        raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch {run.epoch + 1}); the "
+                            f"last good checkpoint in {config.output} is kept: lower the learning rate or use "
+                            "--clip-grad-norm")
+    run.count_batch(loss, logits, labels)
 
 
 def stop_check(config: TrainConfig, run: RunState, total_steps: int, started: float, mid_epoch: bool) -> str | None:

@@ -42,6 +42,10 @@ class Recipe:
     freeze_epochs: int = 0  # first train the classifier alone, the rest frozen with its BatchNorm in inference mode
     layer_decay: float | None = None  # learning rate x layer_decay ** depth, depth counted in blocks from the head
     freeze_bn: bool = False  # keep every BatchNorm's running statistics as they are (small data)
+    mixup: float = 0.0  # MixUp's Beta(alpha, alpha) on each batch (Zhang et al. 2018); 0: off
+    cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) (Yun et al. 2019); with mixup too, one of the two per batch
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2020)
+    class_weights: str | None = None  # "balanced": weight each class's loss by N / (classes x its count)
 
     def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no

@@ -15,14 +15,14 @@ from ..precision import autocast
 
 
 def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, precision: str,
-                     scaler: torch.amp.GradScaler, label_smoothing: float = 0.0,
-                     accumulation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                     scaler: torch.amp.GradScaler, label_smoothing: float = 0.0, accumulation: int = 1,
+                     class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast, cross-entropy in float32, backward of the loss scaled for accumulation (and for
-    fp16 loss scaling). Returns the unscaled loss and the logits, detached. A non-finite loss is returned before
-    its backward, for the caller to stop on."""
+    fp16 loss scaling). ``labels``: class indices, or soft targets (MixUp, CutMix). Returns the unscaled loss and
+    the logits, detached. A non-finite loss is returned before its backward, for the caller to stop on."""
     with autocast(images.device, precision):
         logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
     if torch.isfinite(loss):
         scaler.scale(loss / accumulation).backward()
     return loss.detach(), logits.detach()
