@@ -155,3 +155,22 @@ def test_balanced_class_weights_follow_the_counts():
     weights = class_weights(dataset, get_recipe("finetune", class_weights="balanced"))
     torch.testing.assert_close(weights, torch.tensor([10 / 18, 10 / 9, 10 / 3]))
     assert class_weights(dataset, get_recipe("finetune")) is None
+
+
+def test_registered_weights_bring_their_own_evaluation_preprocessing(tmp_path):
+    from PIL import Image
+
+    from xception.data import ClassificationTransform
+    from xception.training.data import load_split_datasets
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / split / name / "0.png")
+    config = TrainConfig(data=str(tmp_path), recipe="finetune", weights="imagenet")
+    _, val = load_split_datasets(config, config.resolved_recipe())
+    assert isinstance(val.transform, ClassificationTransform)
+    assert val.transform == xception.get_weights("xception", "imagenet").transforms()
+    file_config = TrainConfig(data=str(tmp_path), recipe="finetune", weights=str(tmp_path / "x.safetensors"))
+    _, val = load_split_datasets(file_config, file_config.resolved_recipe())
+    assert not isinstance(val.transform, ClassificationTransform)  # a file: the recipe's own evaluation transform
