@@ -358,6 +358,7 @@ def end_epoch(run: RunState, trainer: Trainer, config: TrainConfig, recipe: Reci
     record = {"epoch": run.epoch + 1, "step": run.step, "train_loss": run.train_loss(),
               "train_top1": run.totals["correct"] / max(run.totals["seen"], 1), "val_loss": metrics["loss"],
               "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+              "val_balanced_accuracy": metrics["balanced_accuracy"],
               "skipped_images": run.totals["skipped"] + metrics["skipped"],
               "minutes": (time.monotonic() - started) / 60}
     run.history.append(record)
