@@ -69,8 +69,7 @@ class ResumableSampler(Sampler[SampleKey]):
             raise InvalidArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if drop_last and num_samples < world_size:
             raise InvalidArgumentError(f"drop_last with {num_samples} samples and world_size {world_size} leaves "
-                                       f"every rank "
-                                       f"with nothing")
+                                       f"every rank with nothing")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
