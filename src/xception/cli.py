@@ -345,6 +345,38 @@ def add_experiment_command(commands: Any) -> None:
     experiment.set_defaults(run=command_experiment)
 
 
+def command_explain(args: argparse.Namespace) -> int:
+    """Grad-CAM overlays, one PNG and one JSON line per image; exit code 1 when some files could not be read (the
+    rest are still explained)."""
+    from .explain import explain_files
+    from .inference import load_model
+
+    loaded = load_model(args.checkpoint, args.model, args.weights)
+    results = explain_files(loaded, args.inputs, args.output, target=args.target, stage=args.stage)
+    if not results:
+        raise InvalidArgumentError(f"no images found in {' '.join(map(str, args.inputs))}")
+    for result in results:
+        print(json.dumps(result))
+        if "error" in result:
+            print(f"xception explain: error: {result['error']}", file=sys.stderr)
+    return 1 if any("error" in result for result in results) else 0
+
+
+def add_explain_command(commands: Any) -> None:
+    explain = commands.add_parser("explain", help="Grad-CAM heatmaps: where in each image the model saw a class")
+    explain.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
+    explain.add_argument("--checkpoint", help="a run folder or a weights file")
+    explain.add_argument("--weights", help="registered weights, e.g. imagenet")
+    explain.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
+    explain.add_argument("--output", type=Path, required=True, help="folder for the overlays (IMAGE.gradcam.png)")
+    explain.add_argument("--class", dest="target", metavar="CLASS", default=None,
+                         help="class to explain, by name or index (default: each image's predicted class)")
+    explain.add_argument("--stage", type=int, default=-1,
+                         help="feature map to explain, an index into the model's feature_info (default -1: the "
+                              "last, the coarsest; earlier maps are finer but less specific to the class)")
+    explain.set_defaults(run=command_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_eval_command(commands)
     add_predict_command(commands)
+    add_explain_command(commands)
     add_benchmark_command(commands)
     add_export_command(commands)
     add_convert_command(commands)
