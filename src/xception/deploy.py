@@ -39,13 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidArgumentError
+from .files import atomic_path
 from .layers import MaxPool2dSame, SeparableConv2d
+from .precision import PRECISIONS, get_precision
 
 log = logging.getLogger("xception.deploy")
 
 DeployPrecision = Literal["fp32", "bf16", "int8"]
 DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: float in, float out
 CALIBRATION_BATCHES = 32  # at most this many batches of calibration_data are used
 
 
@@ -90,9 +92,10 @@ def _last_conv(module: nn.Module | None) -> nn.Conv2d | None:
 @torch.no_grad()
 def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     if norm.running_mean is None or norm.running_var is None:
-        raise ValueError(f"cannot fold {norm}: it keeps no running statistics (track_running_stats=False)")
+        raise InvalidArgumentError(f"cannot fold {norm}: it keeps no running statistics (track_running_stats=False)")
     if conv.out_channels != norm.num_features:
-        raise ValueError(f"cannot fold {norm} into {conv}: {conv.out_channels} channels vs {norm.num_features}")
+        raise InvalidArgumentError(f"cannot fold {norm} into {conv}: {conv.out_channels} channels vs "
+                                   f"{norm.num_features}")
     scale = torch.rsqrt(norm.running_var.double() + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight.double()
@@ -142,7 +145,7 @@ class DeployedModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> Any:
-        x = x.to(DTYPES[self.precision])
+        x = x.to(PRECISIONS[self.precision].dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.compiled:
@@ -203,11 +206,11 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         channels_last: force a memory layout; None times both and keeps the faster.
         compile: ``torch.compile`` with frozen weights (always on for int8).
     """
-    if precision not in DEPLOY_PRECISIONS:
-        raise ValueError(f"precision must be one of {DEPLOY_PRECISIONS}, got {precision!r}")
+    get_precision(precision, next(model.parameters()).device, allowed=DEPLOY_PRECISIONS)
     if precision == "int8" and calibration_data is None:
-        raise ValueError("precision 'int8' needs calibration_data: a few hundred real images (an NCHW tensor or "
-                         "a DataLoader) preprocessed as for evaluation, to set the activation ranges")
+        raise InvalidArgumentError("precision 'int8' needs calibration_data: a few hundred real images (an NCHW "
+                                   "tensor or a DataLoader) preprocessed as for evaluation, to set the activation "
+                                   "ranges")
     device = next(model.parameters()).device
     calibration = _calibration_batches(calibration_data, device) if calibration_data is not None else []
     if example_input is None:
@@ -224,7 +227,7 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         parameter.requires_grad_(False)
     if precision == "bf16":
         module = module.to(torch.bfloat16)
-    example = example_input.to(device=device, dtype=DTYPES[precision])
+    example = example_input.to(device=device, dtype=PRECISIONS[precision].dtype)
     if channels_last is None:
         channels_last, timings = _faster_layout(module, example)
         report["layout_ms"] = timings
@@ -301,19 +304,20 @@ def _default_input(model: nn.Module, device: torch.device) -> torch.Tensor:
 def _calibration_batches(data: Iterable[Any] | torch.Tensor, device: torch.device) -> list[torch.Tensor]:
     if isinstance(data, torch.Tensor):
         if data.dim() != 4:
-            raise ValueError(f"calibration_data as a tensor must be an NCHW batch, got shape {list(data.shape)}")
+            raise InvalidArgumentError(f"calibration_data as a tensor must be an NCHW batch, got shape "
+                                       f"{list(data.shape)}")
         data = data.split(32)
     batches = []
     for item in data:
         batch = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise ValueError("calibration_data must yield NCHW image tensors or (images, labels, ...) tuples")
+            raise InvalidArgumentError("calibration_data must yield NCHW image tensors or (images, labels, ...) tuples")
         if len(batch):
             batches.append(batch.to(device=device, dtype=torch.float32))
         if len(batches) == CALIBRATION_BATCHES:
             break
     if not batches:
-        raise ValueError("calibration_data holds no images")
+        raise InvalidArgumentError("calibration_data holds no images")
     return batches
 
 
@@ -370,15 +374,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     folded = fold_batchnorm(model)
     example = torch.randn(2, getattr(model, "in_chans", 3), height, width)
-    partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.onnx.export(folded, (example,), str(partial), input_names=["images"], output_names=["output"],
+    with atomic_path(path, suffix=".onnx") as temporary:
+        torch.onnx.export(folded, (example,), str(temporary), input_names=["images"], output_names=["output"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, opset_version=opset,
                           dynamo=True, external_data=False)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 
