@@ -244,3 +244,27 @@ def test_library_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, 
     monkeypatch.setattr(cli, "command_models", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["models"])
+
+
+def test_every_train_flag_reaches_train_config() -> None:
+    """The flags are generated from TrainConfig: each parses into its field, whatever the flag's spelling."""
+    from xception.training.config import config_from_args
+
+    argv = ["train", "--data", "folder", "--recipe", "finetune", "--model", "xception41", "--set", "middle_repeats=4",
+            "--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--img-size", "64", "--weights", "tf_in1k",
+            "--freeze-epochs", "1", "--layer-decay", "0.8", "--no-freeze-bn", "--augment", "randaugment",
+            "--mixup", "0.2", "--cutmix", "1.0", "--random-erasing", "0.25", "--class-weights", "balanced",
+            "--freeze", "^blocks\\.block1\\.", "--output", "out", "--resume", "--seed", "3", "--deterministic",
+            "--workers", "2", "--precision", "bf16", "--no-channels-last", "--compile", "--max-minutes", "5",
+            "--grad-accumulation", "2", "--clip-grad-norm", "1.5", "--drop-rate", "0.1", "--label-smoothing", "0.1",
+            "--ema-decay", "0.99", "--sync-bn", "--checkpoint-every", "7", "--max-steps", "9", "--classes", "a,b",
+            "--train-per-class", "4", "--train-subset", "40", "--val-subset", "20"]
+    args = cli.build_parser().parse_args(argv)
+    config = config_from_args(args, cli.parse_options(args.model_options))
+    assert config.model_options == {"middle_repeats": 4}
+    assert (config.augmentation, config.freeze_bn, config.channels_last, config.weights) == (
+        "randaugment", False, False, "tf_in1k")
+    assert (config.mixup, config.cutmix, config.random_erasing, config.class_weights) == (0.2, 1.0, 0.25, "balanced")
+    assert (config.classes, config.train_per_class, config.freeze) == ("a,b", 4, "^blocks\\.block1\\.")
+    defaults = config_from_args(cli.build_parser().parse_args(["train"]), {})
+    assert defaults == xception.training.TrainConfig()

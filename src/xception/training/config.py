@@ -151,20 +151,20 @@ def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str
             continue
         default = item.default if item.default is not MISSING else None
         help_text = metadata["help"] + ("" if default in (None, False) else f" (default: {default})")
-        name = flag_name(item)
+        # dest is the field's name even where the flag is spelt otherwise (--set, --augment)
+        flag = {"dest": item.name, "help": help_text}
         if item.name == "model_options":
-            parser.add_argument(name, dest=item.name, action="append", default=[], metavar="KEY=VALUE",
-                                help=metadata["help"])
+            parser.add_argument(flag_name(item), action="append", default=[], metavar="KEY=VALUE", **flag)
         elif item.type == "bool | None":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag_name(item), action=argparse.BooleanOptionalAction, default=None, **flag)
         elif item.type == "bool" and default:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=True, help=help_text)
+            parser.add_argument(flag_name(item), action=argparse.BooleanOptionalAction, default=True, **flag)
         elif item.type == "bool":
-            parser.add_argument(name, action="store_true", help=help_text)
+            parser.add_argument(flag_name(item), action="store_true", **flag)
         else:
             choices = model_choices if item.name == "model" else metadata["choices"]
-            parser.add_argument(name, type=checked_type(item), default=default, help=help_text,
-                                choices=choices)
+            parser.add_argument(flag_name(item), type=checked_type(item), default=default, choices=choices,
+                                metavar=None if choices else item.name.upper(), **flag)
 
 
 def checked_type(item: Any) -> Callable[[str], Any]:
