@@ -41,4 +41,11 @@ def test_overrides_and_unknown_names():
     assert get_recipe("compact", epochs=3, lr=None).epochs == 3
     with pytest.raises(ValueError, match="available"):
         get_recipe("nope")
-    assert set(RECIPES) == {"imagenet-paper", "jft-paper", "compact"}
+    assert set(RECIPES) == {"imagenet-paper", "jft-paper", "compact", "finetune"}
+
+
+def test_finetune_recipe_names_its_sources_and_phases():
+    recipe = RECIPES["finetune"]
+    for source in ("keras.io/guides/transfer_learning", "layer_decay", "linear probe"):
+        assert source in recipe.source
+    assert recipe.freeze_epochs > 0 and 0 < recipe.layer_decay < 1 and recipe.freeze_bn
