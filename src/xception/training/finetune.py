@@ -52,6 +52,9 @@ def run_weights(folder: Path) -> Path:
 
 def block_depths(model: nn.Module) -> dict[str, int]:
     """Each parameter's depth in blocks from the classifier: the head 0, the last block 1, ..., the stem deepest."""
+    if not isinstance(getattr(model, "blocks", None), nn.Sequential):
+        raise InvalidArgumentError(f"layer-wise learning-rate decay needs a model of the Xception family (blocks), "
+                                   f"not {type(model).__name__}: leave --layer-decay unset")
     blocks = [name for name, _ in model.blocks.named_children()]
     depths = {}
     for name, _ in model.named_parameters():
