@@ -19,7 +19,7 @@ from ..data import (
     load_fashion_mnist,
     train_transform,
 )
-from ..weights import Weights, get_weights, list_weights
+from ..weights.loading import registered_weights
 from .recipes import Recipe
 
 if TYPE_CHECKING:
@@ -64,18 +64,11 @@ def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDatas
     train.transform = train_transform(recipe.img_size, train.in_chans, recipe.augmentation,
                                       erasing=recipe.random_erasing)
     val.transform = eval_transform(recipe.img_size, train.in_chans, recipe.eval_resize_ratio)
-    registered = registered_weights(config.weights, recipe.model)
+    registered = registered_weights(recipe.model, config.weights) if config.weights else None
     if registered is not None and train.in_chans == 3:
         val.transform = registered.transforms()  # fine-tuning registered weights: evaluated as they were made
     val.in_chans = train.in_chans
     return train, val
-
-
-def registered_weights(weights: str | None, model: str) -> Weights | None:
-    """The registered weights ``weights`` names for ``model`` (None for a file, a run folder or nothing)."""
-    if weights is None or (weights != "default" and weights not in list_weights(model)):
-        return None
-    return get_weights(model, weights)
 
 
 def make_loader(dataset: ImageDataset, sampler: ResumableSampler, batch_size: int, workers: int,

@@ -30,7 +30,7 @@ def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = Fals
     :class:`~xception.convert.WeightFileError` naming the format and the first mismatching tensor, with the
     model unchanged.
     """
-    registered = registered_weights(model, weights)
+    registered = registered_weights(getattr(model, "model_name", "xception"), weights)
     may_lack: tuple[str, ...] = ()
     if registered is None:
         path = Path(weights)
@@ -71,13 +71,14 @@ def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         state[key] = weight.repeat(1, repeats, 1, 1)[:, :channels] * (weight.shape[1] / channels)
 
 
-def registered_weights(model: nn.Module, weights: str | Path) -> Weights | None:
-    """The registered weights ``weights`` names for ``model``, or None when it is a path (an existing file, or
-    anything with a folder or a suffix in it)."""
+def registered_weights(model_name: str, weights: str | Path) -> Weights | None:
+    """The registered weights ``weights`` names for the model ``model_name``, or None when it is a path (an existing
+    file or folder, or anything with a folder or a suffix in it). An unknown name is an error listing the
+    registered ones."""
     path = Path(weights)
-    if isinstance(weights, Path) or path.is_file() or path.suffix or path.parent != Path("."):
+    if isinstance(weights, Path) or path.exists() or path.suffix or path.parent != Path("."):
         return None
-    return get_weights(getattr(model, "model_name", "xception"), str(weights))
+    return get_weights(model_name, str(weights))
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str,
