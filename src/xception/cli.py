@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError, XceptionError
+from .files import write_text_atomic
 from .models import list_models
 
 PREDICT_BATCH = 16
@@ -97,7 +98,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
                "csv": benchmark.results_to_csv}
     text = formats[args.format](results)
     if args.output:
-        args.output.write_text(text + "\n")
+        write_text_atomic(args.output, text + "\n")
     print(text)
     return 0
 

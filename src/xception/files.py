@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def sync_file(path: Path) -> None:
@@ -53,6 +54,16 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
         sync_folder(path.parent)
     finally:
         temporary.unlink(missing_ok=True)  # already gone after the rename
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=dpi, format="png")
+    plt.close(figure)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

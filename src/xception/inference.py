@@ -26,7 +26,7 @@ from .data import (
 )
 from .data.transforms import ImageError, open_image
 from .errors import InvalidArgumentError
-from .files import atomic_path
+from .files import atomic_path, save_figure
 from .models import create_model
 from .training.checkpoint import read_architecture
 from .training.metrics import evaluate
@@ -262,10 +262,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     axis.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
     figure.colorbar(image)
     figure.tight_layout()
-    with atomic_path(path, suffix=".png") as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def add_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:

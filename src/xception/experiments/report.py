@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..files import save_figure, write_text_atomic
 from ..training.recipes import get_recipe
 from .definitions import EXPERIMENT_NAMES, FULL, RECIPE, plural
 from .verdicts import ExperimentResult, percent
@@ -40,8 +41,8 @@ def machine_description() -> str:
 def write_outputs(result: ExperimentResult, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _plot_experiment(result, folder / "curves.png")
-    (folder / "results.md").write_text(_result_markdown(result, figure="curves.png"))
-    (folder / "results.json").write_text(result.to_json() + "\n")
+    write_text_atomic(folder / "results.md", _result_markdown(result, figure="curves.png"))
+    write_text_atomic(folder / "results.json", result.to_json() + "\n")
 
 
 def _results_table(result: ExperimentResult) -> str:
@@ -120,8 +121,7 @@ def _plot_experiment(result: ExperimentResult, path: Path) -> None:
             axis.text(0.5, 0.5, "no records: runs shorter than 20 steps", ha="center", transform=axis.transAxes)
     accuracy_axis.title.set_fontsize(10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def write_report(results_dir: str | Path, docs_dir: str | Path) -> Path:
     for result in results:
         shutil.copyfile(results_dir / result.name / "curves.png", figures / f"{result.name}.png")
     path = docs_dir / REPORT_NAME
-    path.write_text(_render_report(results, docs_dir))
+    write_text_atomic(path, _render_report(results, docs_dir))
     return path
 
 

@@ -146,8 +146,7 @@ def _measure_full_size(settings: ExperimentSettings, output: Path,
     ratio = ours["steps_per_s"] / theirs["steps_per_s"] if ours["steps_per_s"] and theirs["steps_per_s"] else None
     measured = {"batch_size": config.batch_size, "img_size": 299, "repeats": config.repeats,
                 "threads": torch.get_num_threads(), "rows": rows, "speed_ratio": ratio, "paper": PAPER_TABLE3}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(measured, indent=2))
+    write_text_atomic(path, json.dumps(measured, indent=2))
     if report:
         report("[inception] full size: " + ", ".join(
             f"{row['network']} {row['steps_per_s']:.3f} steps/s" if row["steps_per_s"] else
