@@ -11,7 +11,6 @@ The command line's ``explain`` calls :func:`explain_files` and only prints.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .data.datasets import resolve_class
 from .data.transforms import ImageError
 from .errors import InvalidArgumentError
 from .files import atomic_path
@@ -61,22 +61,6 @@ def resolve_stage(model: nn.Module, stage: int) -> int:
         raise InvalidArgumentError(f"stage {stage!r} is out of range: this model has {count} feature maps "
                                    f"({strides}; negative counts from the end)")
     return stage % count
-
-
-def resolve_class(target: int | str, classes: list[str]) -> int:
-    """A class given by name or by index (a name wins where a name is also a number) as its index."""
-    if isinstance(target, str):
-        if target in classes:
-            return classes.index(target)
-        if not re.fullmatch(r"-?\d+", target.strip()):
-            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-            raise InvalidArgumentError(f"unknown class {target!r}: the model's classes are {shown} "
-                                       f"(or an index 0..{len(classes) - 1})")
-        target = int(target)
-    if isinstance(target, bool) or not 0 <= target < len(classes):
-        raise InvalidArgumentError(f"class index {target} is out of range: the model has {len(classes)} classes "
-                                   f"(0..{len(classes) - 1})")
-    return target
 
 
 def target_indices(target: int | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@
   (:class:`ClassificationTransform`), and the training and evaluation transforms of training runs.
 """
 
-from .datasets import IMAGE_EXTENSIONS, ImageDataset, ResumableSampler, SampleKey, collate_skipping
+from .datasets import IMAGE_EXTENSIONS, ImageDataset, ResumableSampler, SampleKey, collate_skipping, resolve_class
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from .transforms import (
     ClassificationTransform,
@@ -33,5 +33,6 @@ __all__ = [
     "eval_transform",
     "load_fashion_mnist",
     "open_image",
+    "resolve_class",
     "train_transform",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -273,7 +274,8 @@ class ImageDataset(Dataset):
     def subset(self, classes: Sequence[str | int] | None = None, per_class: int | None = None) -> ImageDataset:
         """These classes only (names or indices, in the order given; labels renumbered from 0, names kept), and at
         most the first ``per_class`` samples of each: for small and partial sets."""
-        chosen = list(range(len(self.classes))) if classes is None else [self._class_index(c) for c in classes]
+        chosen = (list(range(len(self.classes))) if classes is None
+                  else [resolve_class(name, self.classes, owner="the data") for name in classes])
         if len(set(chosen)) != len(chosen):
             raise InvalidArgumentError(f"classes repeated in {list(classes)}")
         new_label = {old: new for new, old in enumerate(chosen)}
@@ -290,16 +292,6 @@ class ImageDataset(Dataset):
         return ImageDataset(self.source.select(indices, labels), self.transform, [self.classes[c] for c in chosen],
                             self.in_chans, self.seed)
 
-    def _class_index(self, name: str | int) -> int:
-        if isinstance(name, int) or (isinstance(name, str) and name.isdigit() and name not in self.classes):
-            index = int(name)
-            if not 0 <= index < len(self.classes):
-                raise InvalidArgumentError(f"class index {index} is out of range: {len(self.classes)} classes")
-            return index
-        if name not in self.classes:
-            raise InvalidArgumentError(f"no class {name!r}; the classes are {', '.join(self.classes)}")
-        return self.classes.index(name)
-
     def __len__(self) -> int:
         return len(self.source)
 
@@ -313,6 +305,23 @@ class ImageDataset(Dataset):
         image, label = loaded
         with _seeded_rngs(derive_seed(self.seed, key.epoch, key.index)):
             return self.transform(image), label
+
+
+def resolve_class(target: int | str, classes: Sequence[str], owner: str = "the model") -> int:
+    """A class given by name or by index (a name wins where a name is also a number) as its index in ``classes``,
+    whose ``owner`` the error messages name."""
+    if isinstance(target, str):
+        if target in classes:
+            return list(classes).index(target)
+        if not re.fullmatch(r"-?\d+", target.strip()):
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise InvalidArgumentError(f"unknown class {target!r}: {owner}'s classes are {shown} "
+                                       f"(or an index 0..{len(classes) - 1})")
+        target = int(target)
+    if isinstance(target, bool) or not 0 <= target < len(classes):
+        raise InvalidArgumentError(f"class index {target} is out of range: {owner} has {len(classes)} classes "
+                                   f"(0..{len(classes) - 1})")
+    return target
 
 
 def _visible_subfolders(folder: Path) -> list[str]:
