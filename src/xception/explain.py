@@ -25,7 +25,7 @@ from .data.datasets import resolve_class
 from .data.transforms import ImageError
 from .errors import InvalidArgumentError
 from .files import atomic_path
-from .inference import LoadedModel, image_files, preprocess_file
+from .inference import LoadedModel, class_entry, image_files, preprocess_file
 
 OVERLAY_ALPHA = 0.5  # weight of the heatmap in the overlay; the image keeps the rest
 COLORMAP = "jet"
@@ -147,10 +147,6 @@ def output_name(path: Path, taken: set[str]) -> str:
         name = f"{path.stem}-{number}.gradcam.png"
     taken.add(name)
     return name
-
-
-def class_entry(loaded: LoadedModel, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
-    return {"class": loaded.classes[index], "index": index, "probability": float(probabilities[index])}
 
 
 def explain_files(loaded: LoadedModel, files: Iterable[str | Path], output_dir: str | Path,

@@ -168,6 +168,11 @@ def image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
+def class_entry(loaded: LoadedModel, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
+    """One class of a result: ``{"class", "index", "probability"}``, as predict and explain report them."""
+    return {"class": loaded.classes[index], "index": index, "probability": float(probabilities[index])}
+
+
 @torch.no_grad()
 def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
             batch_size: int = 16) -> list[dict[str, Any]]:
@@ -183,11 +188,9 @@ def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
         # channels_last: the layout the model was converted to (depthwise convolutions are faster in it).
         batch = torch.stack([tensor for _, tensor in pending]).contiguous(memory_format=torch.channels_last)
         probabilities = loaded.model(batch).float().softmax(dim=1)
-        values, indices = probabilities.topk(k, dim=1)
-        for (slot, _), row_values, row_indices in zip(pending, values, indices, strict=True):
-            results[slot]["predictions"] = [
-                {"class": loaded.classes[i], "index": int(i), "probability": float(v)}
-                for v, i in zip(row_values.tolist(), row_indices.tolist(), strict=True)]
+        indices = probabilities.topk(k, dim=1).indices
+        for (slot, _), row, row_indices in zip(pending, probabilities, indices, strict=True):
+            results[slot]["predictions"] = [class_entry(loaded, row, i) for i in row_indices.tolist()]
         pending.clear()
 
     for path in image_files(inputs):
