@@ -11,16 +11,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError, XceptionError
-from .files import write_text_atomic
-from .models import list_models
+from ..errors import InvalidArgumentError, XceptionError
+from ..files import write_text_atomic
+from ..models import list_models
+from .segment import add_segment_command
+from .share import add_push_command
 
 PREDICT_BATCH = 16
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``, refused where it is parsed, naming the flag."""
-    from .training.config import bounded
+    from ..training.config import bounded
 
     return bounded(int, minimum=minimum)
 
@@ -40,8 +42,8 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def command_summary(args: argparse.Namespace) -> int:
-    from .models import create_model
-    from .summary import summarize
+    from ..models import create_model
+    from ..summary import summarize
 
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **parse_options(args.set))
     size = (args.img_size, args.img_size) if args.width is None else (args.img_size, args.width)
@@ -52,11 +54,11 @@ def command_summary(args: argparse.Namespace) -> int:
 
 def command_models(args: argparse.Namespace) -> int:
     if args.markdown:
-        from .summary import model_table
+        from ..summary import model_table
 
         print(model_table(args.img_size))
         return 0
-    from .weights import list_weights
+    from ..weights import list_weights
 
     for name in list_models():
         weights = ", ".join(list_weights(name)) or "-"
@@ -67,7 +69,7 @@ def command_models(args: argparse.Namespace) -> int:
 def command_convert(args: argparse.Namespace) -> int:
     """Any readable weight file -> this library's safetensors, with the class count and input channels read from
     the file."""
-    from .convert import convert_weights
+    from ..convert import convert_weights
 
     file_format, model = convert_weights(args.source, args.destination, args.model)
     numerics = model.architecture().get("numerics")
@@ -78,7 +80,7 @@ def command_convert(args: argparse.Namespace) -> int:
 
 def command_benchmark(args: argparse.Namespace) -> int:
     """Speed of one configuration, or of ours against the peers measured interleaved in the same run."""
-    from . import benchmark
+    from .. import benchmark
 
     if args.compare and (args.model != "xception" or args.set):
         raise InvalidArgumentError("--compare measures the paper's network against the peers' implementations of "
@@ -105,9 +107,9 @@ def command_benchmark(args: argparse.Namespace) -> int:
 
 def command_export(args: argparse.Namespace) -> int:
     """ONNX with a dynamic batch dimension, checked against PyTorch in onnxruntime when it is installed."""
-    from .deploy import check_onnx, export_onnx
-    from .inference import add_onnx_metadata, describe_preprocessing, load_model
-    from .models import create_model
+    from ..deploy import check_onnx, export_onnx
+    from ..inference import add_onnx_metadata, describe_preprocessing, load_model
+    from ..models import create_model
 
     loaded = None
     if args.checkpoint is not None or args.weights is not None:
@@ -134,8 +136,8 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_train(args: argparse.Namespace) -> int:
     """Train (the default: the compact recipe on Fashion-MNIST), then say where everything is."""
-    from .training import train
-    from .training.config import config_from_args
+    from ..training import train
+    from ..training.config import config_from_args
 
     config = config_from_args(args, parse_options(args.model_options))
     result = train(config)
@@ -155,7 +157,7 @@ def command_train(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     """Top-1/top-5, per-class accuracy and a confusion-matrix PNG for a trained model or registered weights on a
     data split, preprocessed as the model's own evaluation transform says."""
-    from .inference import evaluate_on, load_model, plot_confusion
+    from ..inference import evaluate_on, load_model, plot_confusion
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
     metrics, classes = evaluate_on(loaded, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
@@ -186,7 +188,7 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image; exit code 1 when some files could not be read (the rest are still predicted)."""
-    from .inference import CALIBRATION_IMAGES, deploy_loaded, load_images, load_model, predict
+    from ..inference import CALIBRATION_IMAGES, deploy_loaded, load_images, load_model, predict
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
     if args.precision is not None:
@@ -209,7 +211,7 @@ def command_predict(args: argparse.Namespace) -> int:
 
 def command_experiment(args: argparse.Namespace) -> int:
     """Test one of the paper's claims (or all) at small scale; print each verdict and where the outputs are."""
-    from . import experiments
+    from .. import experiments
 
     settings = experiments.make_settings(quick=args.quick, data=args.data, seeds=args.seeds, epochs=args.epochs)
     results = experiments.run_experiments(args.name, settings, args.output, report=lambda line: print(line, flush=True))
@@ -243,7 +245,7 @@ def add_models_command(commands: Any) -> None:
 
 
 def add_train_command(commands: Any) -> None:
-    from .training.config import add_train_arguments
+    from ..training.config import add_train_arguments
 
     train = commands.add_parser("train", help="train a model (default: compact recipe on Fashion-MNIST)")
     add_train_arguments(train, list_models())
@@ -350,8 +352,8 @@ def add_experiment_command(commands: Any) -> None:
 def command_explain(args: argparse.Namespace) -> int:
     """Grad-CAM overlays, one PNG and one JSON line per image; exit code 1 when some files could not be read (the
     rest are still explained)."""
-    from .explain import explain_files
-    from .inference import load_model
+    from ..explain import explain_files
+    from ..inference import load_model
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
     results = explain_files(loaded, args.inputs, args.output, target=args.target, stage=args.stage)
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_command(commands)
     add_convert_command(commands)
     add_experiment_command(commands)
+    add_segment_command(commands)
+    add_push_command(commands)
     return parser
 
 
