@@ -20,7 +20,7 @@ import xception
 from xception.cli import main
 from xception.weights.formats import read_safetensors_metadata
 
-ALIGNED = [name for name in xception.list_models() if name != "xception"]
+ALIGNED = [name for name in xception.list_models("classification") if name != "xception"]
 # A few sources differ from timm's defaults, to check that the class count and input channels come from the file.
 OPTIONS = {"xception41": {"num_classes": 10}, "xception41p": {"in_chans": 1}}
 

@@ -208,7 +208,7 @@ def model_table(img_size: int = 299) -> str:
 
     lines = [f"| model | parameters | GMACs at {img_size} | feature channels | feature strides | weights |",
              "|---|---:|---:|---|---|---|"]
-    for name in list_models():
+    for name in list_models("classification"):
         model = create_model(name)
         summary = summarize(model, img_size)
         channels = ", ".join(str(info["num_chs"]) for info in model.feature_info)

@@ -402,7 +402,7 @@ def test_unknown_option_lists_the_valid_ones(name: str) -> None:
 
 
 def test_unknown_model_lists_every_model() -> None:
-    assert xception.list_models() == ALL_MODELS
+    assert xception.list_models("classification") == ALL_MODELS
     with pytest.raises(ValueError, match="unknown model 'xception42'") as info:
         xception.create_model("xception42")
     for name in ALL_MODELS:

@@ -60,9 +60,11 @@ def command_models(args: argparse.Namespace) -> int:
         return 0
     from ..weights import list_weights
 
-    for name in list_models():
-        weights = ", ".join(list_weights(name)) or "-"
-        print(f"{name:<12} weights: {weights}")
+    width = max(map(len, list_models()))
+    for name in list_models("classification"):
+        print(f"{name:<{width}} weights: {', '.join(list_weights(name)) or '-'}")
+    for name in list_models("segmentation"):  # deeplabv3plus_xception65: the backbone's weights load into it
+        print(f"{name:<{width}} backbone_weights: {', '.join(list_weights(name.partition('_')[2])) or '-'}")
     return 0
 
 
@@ -248,7 +250,7 @@ def add_train_command(commands: Any) -> None:
     from ..training.config import add_train_arguments
 
     train = commands.add_parser("train", help="train a model (default: compact recipe on Fashion-MNIST)")
-    add_train_arguments(train, list_models())
+    add_train_arguments(train, list_models("classification"))
     train.set_defaults(run=command_train)
 
 
@@ -257,7 +259,8 @@ def add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--checkpoint", help="a run folder or a weights file")
     evaluate.add_argument("--weights", help="registered weights of --model, e.g. imagenet, with their own "
                                             "preprocessing (Weights.transforms())")
-    evaluate.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
+    evaluate.add_argument("--model", default="xception", choices=list_models("classification"),
+                          help="model of --weights")
     evaluate.add_argument("--data", default="fashion-mnist")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", type=at_least(1), default=64)
@@ -276,7 +279,7 @@ def add_predict_command(commands: Any) -> None:
     pred.add_argument("inputs", nargs="+", type=Path)
     pred.add_argument("--checkpoint", help="a run folder or a weights file")
     pred.add_argument("--weights", help="registered weights, e.g. imagenet")
-    pred.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
+    pred.add_argument("--model", default="xception", choices=list_models("classification"), help="model of --weights")
     pred.add_argument("--top-k", type=at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="one JSON object per file")
     pred.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
@@ -330,7 +333,7 @@ def add_convert_command(commands: Any) -> None:
     convert = commands.add_parser("convert", help="convert Keras .h5 or timm/Cadene .pth weights to safetensors")
     convert.add_argument("source", type=Path)
     convert.add_argument("destination", type=Path)
-    convert.add_argument("--model", default="xception", choices=list_models())
+    convert.add_argument("--model", default="xception", choices=list_models("classification"))
     convert.set_defaults(run=command_convert)
 
 
@@ -371,7 +374,8 @@ def add_explain_command(commands: Any) -> None:
     explain.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
     explain.add_argument("--checkpoint", help="a run folder or a weights file")
     explain.add_argument("--weights", help="registered weights, e.g. imagenet")
-    explain.add_argument("--model", default="xception", choices=list_models(), help="model of --weights")
+    explain.add_argument("--model", default="xception", choices=list_models("classification"),
+                         help="model of --weights")
     explain.add_argument("--output", type=Path, required=True, help="folder for the overlays (IMAGE.gradcam.png)")
     explain.add_argument("--class", dest="target", metavar="CLASS", default=None,
                          help="class to explain, by name or index (default: each image's predicted class)")

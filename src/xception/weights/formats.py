@@ -85,7 +85,8 @@ def name_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path
         return f"timm xception_aligned ({container})", timm_aligned_to_state_dict(state)
     if "conv1.weight" in state and any(re.match(r"block\d+\.rep\.", k) for k in keys):
         return f"{pytorch_port_source(state)} ({container})", timm_to_state_dict(state, model)
-    if any(k.startswith("blocks.") for k in keys):
+    # This library's own names: a classification network's (blocks.) or a segmentation model's (backbone.blocks.).
+    if any(k.startswith(("blocks.", "backbone.blocks.")) for k in keys):
         return ("xception safetensors" if container == "safetensors" else "xception state dict (.pth)"), state
     raise WeightFileError(f"{path} is a {container} state dict but not an Xception one (timm legacy_xception or "
                           f"xception_aligned, Cadene xception, or this library's): its keys start {keys[:3]}")
