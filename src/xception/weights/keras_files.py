@@ -199,7 +199,8 @@ def model_layers(model: nn.Module, shortcut_first: bool) -> dict[str, list[tuple
         elif path.startswith(separable):
             continue
         elif isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
-            kind = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.Linear: "dense"}[type(module)]
+            # isinstance, not the exact type: a 'same'-padded stem (stem_padding="same") has a Conv2dSame
+            kind = "conv" if isinstance(module, nn.Conv2d) else "bn" if isinstance(module, nn.BatchNorm2d) else "dense"
             entries.append((kind, path, module))
     if shortcut_first:
         blocks: dict[str, int] = {}
