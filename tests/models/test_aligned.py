@@ -9,7 +9,6 @@ the tolerance). The weights go through files, as users get them: a ``.pth`` stat
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import timm
 import torch
 from conftest import calibrate_batch_norm, relative_error
-from http_server import serve_directory
+from http_server import serve_directory, serve_hub
 from safetensors.torch import save_file
 from torch import nn
 
@@ -171,11 +170,25 @@ def test_registered_weights_metadata(model: str, digest: str, num_bytes: int, to
     assert registered.transform_config["crop_size"] == 299
 
 
+RA3_PINS = {  # (Hub revision, SHA-256, mirror): see the comment on the ra3_in1k rows of weights/registered.py
+    "xception65": ("ae9e1377bca4c1d5ce324a5e010f7bc72bc322a4", None, "xception65_ra3-1447db8d.pth"),
+    "xception41p": ("327b9de3a26a7077952e38fe40e9c811b1bba6d1",
+                    "84cc7268d4d0973769ac78db2c1d07e5bbfbcab2447d6f1df3f7b755ba7b2dea", "xception41p_ra3-33195bc8.pth"),
+    "xception65p": ("main", None, "xception65p_ra3-3c6114e4.pth"),
+}
+
+
 @pytest.mark.parametrize(("model", "top1"), [("xception65", 83.19), ("xception41p", 81.98), ("xception65p", 83.16)])
 def test_registered_ra3_weights_metadata(model: str, top1: float) -> None:
     registered = xception.get_weights(model, "ra3_in1k")
-    assert registered.file == hub.HubFile(f"timm/{model}.ra3_in1k")  # pinned by the hub's listing, on first use
-    assert registered.file.url == f"https://huggingface.co/timm/{model}.ra3_in1k/resolve/main/model.safetensors"
+    revision, sha256, mirror = RA3_PINS[model]
+    assert (registered.file.repo, registered.file.path) == (f"timm/{model}.ra3_in1k", "model.safetensors")
+    assert (registered.file.revision, registered.file.sha256) == (revision, sha256)
+    assert registered.file.url == f"https://huggingface.co/timm/{model}.ra3_in1k/resolve/{revision}/model.safetensors"
+    (release,) = registered.file.mirrors  # timm's GitHub release of the same weights, pinned by its name's prefix
+    assert release.urls == ("https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-tpu-weights/"
+                            + mirror,)
+    assert release.sha256_prefix == mirror.rsplit("-", 1)[1][:8] and release.num_bytes is None
     assert registered.notop_file is None and registered.num_classes == 1000
     assert registered.meta["metrics"] == {"ImageNet-1k": {"top1": top1}}
     assert len(registered.categories) == 1000
@@ -264,26 +277,26 @@ def test_registry_is_restored() -> None:
     assert file.sha256_prefix == "e6439c97" and file.urls == (TIMM_RELEASES + file.filename,)
 
 
-def test_hub_weights_download_pinned_by_the_listing_and_load(tmp_path: Path, torch_home: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """xception41p.ra3_in1k end to end against a local stand-in for the hub: a timm checkpoint (random,
-    calibrated, not the real weights) as safetensors, with the hub's listing of its size and SHA-256."""
+def test_hub_weights_download_pinned_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xception41p.ra3_in1k end to end against a local stand-in for the Hub: a timm checkpoint (random, calibrated,
+    not the real weights) as safetensors, with the registry's pins pointed at the stand-in's commit and file."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     theirs = calibrated_timm("xception41p", seed=101)
+    save_file(snapshot(theirs), str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
     repo = "timm/xception41p.ra3_in1k"
-    served = tmp_path / repo / "resolve" / "main" / "model.safetensors"
-    served.parent.mkdir(parents=True)
-    save_file(snapshot(theirs), str(served))
-    tree = tmp_path / "api" / "models" / repo / "tree" / "main"
-    tree.parent.mkdir(parents=True)
-    tree.write_text(json.dumps([{"path": "model.safetensors", "lfs": {"oid": hub.digests(served)[1],
-                                                                     "size": served.stat().st_size}}]))
-    with serve_directory(tmp_path) as server:
+    with serve_hub() as stand_in:
+        commit = stand_in.publish(repo, {"model.safetensors": data})
         registered = xception.get_weights("xception41p", "ra3_in1k")
-        patched = dataclasses.replace(registered, file=dataclasses.replace(registered.file, endpoint=server.base_url))
-        monkeypatch.setitem(weights_module._REGISTRY, ("xception41p", "ra3_in1k"), patched)
+        file = dataclasses.replace(registered.file, revision=commit, endpoint=stand_in.base_url,
+                                   sha256=hub.digests(tmp_path / "model.safetensors")[1])
+        monkeypatch.setitem(weights_module._REGISTRY, ("xception41p", "ra3_in1k"),
+                            dataclasses.replace(registered, file=file))
         ours = xception.create_model("xception41p", weights="ra3_in1k").eval()
-        assert server.requests == [f"/api/models/{repo}/tree/main", f"/{repo}/resolve/main/model.safetensors"]
-    assert (torch_home / f"{patched.file.filename}.pin.json").is_file()
+        assert stand_in.downloads() == [f"/{repo}/resolve/{commit}/model.safetensors"]
     x = images((64, 64))
     assert relative_error(logits(ours, x), logits(theirs, x)) <= TOLERANCE
 

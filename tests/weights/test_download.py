@@ -1,9 +1,11 @@
-"""Tests for xception.weights.download against a local HTTP server and file:// URLs: no internet, deterministic."""
+"""Tests for xception.weights.download against a local HTTP server, a local stand-in for the Hugging Face Hub and
+file:// URLs: no internet, deterministic."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
+import os
 import random
 import socket
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from http_server import serve_directory
+from http_server import HubStandIn, serve_directory, serve_hub
 
 from xception.weights import download as hub
 from xception.weights.download import WeightFile, WeightsUnavailableError
@@ -219,86 +221,175 @@ def test_weight_file_rejects_declaration_typos() -> None:
         WeightFile(FILENAME, (), "0" * 32, 1)
 
 
-# --- files on the Hugging Face Hub: pinned by the size and SHA-256 the hub lists --------------------------
+def test_file_without_a_published_size_is_pinned_by_its_checksum(server: Server, payload: bytes,
+                                                                 tmp_path: Path) -> None:
+    """timm's GitHub release files publish only the SHA-256 prefix in their names."""
+    sha256 = hashlib.sha256(payload).hexdigest()
+    file = WeightFile("w-" + sha256[:8] + ".pth", (server.publish("w.pth", payload),), None, None, sha256[:8])
+    assert hub.fetch(file, directory=tmp_path / "cache", progress=False).read_bytes() == payload
+    wrong = dataclasses.replace(file, filename="other.pth", sha256_prefix="0" * 8 if sha256[:8] != "0" * 8 else "1" * 8)
+    with pytest.raises(WeightsUnavailableError, match="checksum mismatch"):
+        hub.fetch(wrong, directory=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / "other.pth").exists()
+
+
+# --- files on the Hugging Face Hub, through huggingface_hub, against a local stand-in -----------------------
 
 REPO = "timm/xception65p.ra3_in1k"
 
 
-def publish_on_hub(server: Server, data: bytes, listing: object | None = None) -> hub.HubFile:
-    """Lay ``data`` out as the hub does (the file under ``REPO/resolve/main/``, the listing under ``api/``) and
-    return a HubFile pointing at the server. The listing defaults to the true size and SHA-256 of ``data``."""
-    if listing is None:
-        listing = [{"type": "file", "path": ".gitattributes", "size": 10},
-                   {"type": "file", "path": "model.safetensors", "size": len(data),
-                    "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 135}}]
-    file = server.root / REPO / "resolve" / "main" / "model.safetensors"
-    file.parent.mkdir(parents=True)
-    file.write_bytes(data)
-    tree = server.root / "api" / "models" / REPO / "tree" / "main"
-    tree.parent.mkdir(parents=True)
-    tree.write_text(json.dumps(listing))
-    return hub.HubFile(REPO, endpoint=server.base_url)
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache of the test's own, online mode, and no endpoint from the environment."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    return cache
 
 
-def test_hub_file_is_checked_against_the_published_sha256_and_recorded(
-    server: Server, payload: bytes, dead_url: str, tmp_path: Path
-) -> None:
-    file = publish_on_hub(server, payload)
-    cache = tmp_path / "cache"
-    path = hub.fetch(file, directory=cache, progress=False)
-    assert path == cache / "timm--xception65p.ra3_in1k--model.safetensors"
+@pytest.fixture
+def stand_in() -> Iterator[HubStandIn]:
+    with serve_hub() as hub_server:
+        yield hub_server
+
+
+def hub_file(stand_in: HubStandIn, data: bytes, **options: object) -> hub.HubFile:
+    """``data`` published as model.safetensors of REPO, and a HubFile pinned to that commit and its SHA-256."""
+    commit = stand_in.publish(REPO, {"model.safetensors": data, "config.json": b'{"architecture": "x"}'})
+    pins = {"revision": commit, "sha256": hashlib.sha256(data).hexdigest(), "endpoint": stand_in.base_url}
+    return hub.HubFile(REPO, **{**pins, **options})
+
+
+def test_hub_file_lands_in_the_hub_cache_and_is_served_from_it(stand_in: HubStandIn, hub_cache: Path,
+                                                              payload: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = hub_file(stand_in, payload)
+    path = hub.fetch(file, progress=False)
+    # huggingface_hub's layout, shared with timm and transformers: the snapshot of the pinned commit links to a blob
+    # named by the file's SHA-256 (its Git LFS id).
+    assert path == hub_cache / "models--timm--xception65p.ra3_in1k" / "snapshots" / file.revision / "model.safetensors"
     assert path.read_bytes() == payload
-    assert server.requests == [f"/api/models/{REPO}/tree/main", f"/{REPO}/resolve/main/model.safetensors"]
-    record = json.loads((cache / f"{path.name}.pin.json").read_text())
-    assert record["sha256"] == hashlib.sha256(payload).hexdigest() and record["num_bytes"] == len(payload)
+    assert Path(os.path.realpath(path)).name == hashlib.sha256(payload).hexdigest()
+    url = f"/{REPO}/resolve/{file.revision}/model.safetensors"
+    assert stand_in.requests == [("HEAD", url), ("GET", url)]
 
-    offline = hub.HubFile(REPO, endpoint=dead_url.rsplit("/", 1)[0])  # the record is enough now
-    assert hub.fetch(offline, directory=cache, progress=False) == path
-    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))  # corrupted in the cache: refused, and kept
-    with pytest.raises(WeightsUnavailableError, match="expected sha256"):
-        hub.fetch(offline, directory=cache, progress=False)
-    assert path.exists()
+    assert hub.fetch(file, progress=False) == path  # a pinned commit in the cache: no request at all
+    from huggingface_hub import constants
 
-
-def test_hub_download_that_differs_from_the_listing_is_refused(
-    server: Server, payload: bytes, tmp_path: Path
-) -> None:
-    other = hashlib.sha256(b"another file").hexdigest()
-    file = publish_on_hub(server, payload, listing=[
-        {"path": "model.safetensors", "lfs": {"oid": other, "size": len(payload)}}])
-    cache = tmp_path / "cache"
-    with pytest.raises(WeightsUnavailableError, match=f"checksum mismatch: expected sha256 starting {other}"):
-        hub.fetch(file, directory=cache, progress=False)
-    assert not (cache / file.filename).exists() and part_files(cache) == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.fetch(file, progress=False) == path
+    assert len(stand_in.requests) == 2
 
 
-@pytest.mark.parametrize("listing", [
-    [{"path": "model.safetensors", "size": 300_000}],  # not stored in LFS: no SHA-256 listed
-    [{"path": "pytorch_model.bin", "lfs": {"oid": "0" * 64, "size": 1}}],  # the file is not in the listing
-    {"error": "Repository not found"},
-], ids=["no_lfs_entry", "file_not_listed", "not_a_listing"])
-def test_hub_file_without_a_published_checksum_is_not_downloaded(
-    listing: object, server: Server, payload: bytes, tmp_path: Path
-) -> None:
-    file = publish_on_hub(server, payload, listing=listing)
-    with pytest.raises(WeightsUnavailableError, match=r"publishes no SHA-256 and size .* weights=<path>"):
-        hub.fetch(file, directory=tmp_path / "cache", progress=False)
-    assert server.requests == [f"/api/models/{REPO}/tree/main"]
-    assert not (tmp_path / "cache").exists()  # no record of a checksum that was never published
+def test_revision_pins_the_file(stand_in: HubStandIn, hub_cache: Path) -> None:
+    first = hub_file(stand_in, b"first weights")
+    second = stand_in.publish(REPO, {"model.safetensors": b"later weights"})
+    pinned = hub.hub_download(REPO, "model.safetensors", revision=first.revision, endpoint=stand_in.base_url,
+                              progress=False)
+    latest = hub.hub_download(REPO, "model.safetensors", endpoint=stand_in.base_url, progress=False)
+    assert pinned.read_bytes() == b"first weights" and pinned.parent.name == first.revision
+    assert latest.read_bytes() == b"later weights" and latest.parent.name == second
+    assert ("GET", f"/{REPO}/resolve/{first.revision}/model.safetensors") in stand_in.requests
 
 
-def test_hub_offline_error_says_how_to_load_by_hand(dead_url: str, tmp_path: Path) -> None:
-    file = hub.HubFile(REPO, endpoint=dead_url.rsplit("/", 1)[0])
+def test_file_other_than_the_pinned_sha256_is_refused(stand_in: HubStandIn, hub_cache: Path, payload: bytes) -> None:
+    wrong = hashlib.sha256(b"another file").hexdigest()
+    file = hub_file(stand_in, payload, sha256=wrong)
     with pytest.raises(WeightsUnavailableError) as info:
-        hub.fetch(file, directory=tmp_path, progress=False)
+        hub.fetch(file, progress=False)
     message = str(info.value)
-    assert file.listing_url in message and file.url in message and "weights=<path>" in message
-    assert "Connection refused" in message or "ConnectionRefused" in message
+    assert f"the pinned SHA-256 is {wrong}, the file's {hashlib.sha256(payload).hexdigest()}" in message
+    assert f"could not get model.safetensors of {REPO} at revision {file.revision}" in message
 
 
-def test_unreadable_hub_record_is_reported(tmp_path: Path) -> None:
-    file = hub.HubFile(REPO, endpoint="http://127.0.0.1:9")  # never asked: the record is read first
-    (tmp_path / f"{file.filename}.pin.json").write_text("{not json")
-    with pytest.raises(WeightsUnavailableError, match="delete it to read them from the hub again"):
-        hub.fetch(file, directory=tmp_path, progress=False)
+def test_corrupt_transfer_is_refused_against_the_hubs_lfs_id(stand_in: HubStandIn, hub_cache: Path,
+                                                             payload: bytes) -> None:
+    """Same size, other bytes: huggingface_hub's size check passes; the SHA-256 the Hub gives for the file (the
+    X-Linked-Etag, the name of the blob in the cache) does not, even with no SHA-256 pinned here."""
+    file = hub_file(stand_in, payload, sha256=None)
+    stand_in.served[(REPO, file.revision, "model.safetensors")] = payload[::-1]
+    with pytest.raises(WeightsUnavailableError, match="the Hub lists its SHA-256 \\(Git LFS id\\) as "
+                                                      f"{hashlib.sha256(payload).hexdigest()}") as info:
+        hub.fetch(file, progress=False)
+    assert "delete" in str(info.value)
 
+
+def test_small_file_is_checked_against_its_git_blob_id(stand_in: HubStandIn, hub_cache: Path) -> None:
+    commit = stand_in.publish("org/name", {"config.json": b'{"a": 1}'})
+    stand_in.served[("org/name", commit, "config.json")] = b'{"a": 2}'
+    with pytest.raises(WeightsUnavailableError, match="the Hub lists its Git blob id as"):
+        hub.hub_download("org/name", "config.json", endpoint=stand_in.base_url, progress=False)
+
+
+def test_offline_error_names_repository_file_revision_and_where_to_put_it(
+        hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dead_url: str) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    mirror = WeightFile("xception65p_ra3-3c6114e4.pth", (dead_url,), None, None, "3c6114e4")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    file = hub.HubFile(REPO, revision=revision, mirrors=(mirror,), endpoint=dead_url.rsplit("/", 1)[0])
+    with pytest.raises(WeightsUnavailableError) as info:
+        hub.fetch(file, directory=tmp_path / "torch", progress=False)
+    message = str(info.value)
+    for needle in (REPO, "model.safetensors", revision, f"hf download {REPO} model.safetensors --revision {revision}",
+                   str(hub_cache), "OfflineModeIsEnabled", dead_url, str(tmp_path / "torch" / mirror.filename),
+                   "SHA-256 starting 3c6114e4", "weights=<path>"):
+        assert needle in message, needle
+
+
+@pytest.mark.parametrize("hub_state", ["offline", "repository_missing"])
+def test_mirror_covers_for_the_hub(hub_state: str, stand_in: HubStandIn, server: Server, payload: bytes,
+                                   hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (HF_HUB_OFFLINE), or the Hub without the file: the pinned mirror, into torch's cache. (A refused
+    connection goes the same way, after huggingface_hub's retries with backoff, about 20 s: not run here.)"""
+    from huggingface_hub import constants
+
+    if hub_state == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    sha256 = hashlib.sha256(payload).hexdigest()
+    mirror = WeightFile(f"w-{sha256[:8]}.pth", (server.publish("w.pth", payload),), None, None, sha256[:8])
+    file = hub.HubFile(REPO, revision="0" * 40, mirrors=(mirror,), endpoint=stand_in.base_url)
+    path = hub.fetch(file, directory=tmp_path / "torch", progress=False)
+    assert path == tmp_path / "torch" / mirror.filename and path.read_bytes() == payload
+    assert len(stand_in.requests) == (0 if hub_state == "offline" else 1)  # a missing repository is not retried
+
+
+def test_branch_revision_takes_the_pinned_mirror_first(stand_in: HubStandIn, server: Server, payload: bytes,
+                                                      hub_cache: Path, tmp_path: Path) -> None:
+    """A branch pins nothing, a mirror's SHA-256 prefix does: the Hub is then the fallback."""
+    sha256 = hashlib.sha256(payload).hexdigest()
+    mirror = WeightFile(f"w-{sha256[:8]}.pth", (server.publish("w.pth", payload),), None, None, sha256[:8])
+    file = hub_file(stand_in, b"hub copy", revision="main", sha256=None, mirrors=(mirror,))
+    assert hub.fetch(file, directory=tmp_path / "torch", progress=False).read_bytes() == payload
+    assert stand_in.requests == []
+    broken = dataclasses.replace(file, mirrors=(dataclasses.replace(mirror, urls=(f"{server.base_url}/gone.pth",)),))
+    assert hub.fetch(broken, directory=tmp_path / "elsewhere", progress=False).read_bytes() == b"hub copy"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("hf-hub:org/name", hub.HubRepo("org/name")),
+    ("hf-hub:org/name@v1.0", hub.HubRepo("org/name", "v1.0")),
+    ("hf-hub:name@" + "a" * 40, hub.HubRepo("name", "a" * 40)),
+    ("imagenet", None),
+    ("runs/xception", None),
+])
+def test_parse_hub_spec(text: str, expected: hub.HubRepo | None) -> None:
+    assert hub.parse_hub_spec(text) == expected
+    if expected is not None:
+        assert hub.parse_hub_spec(str(expected)) == expected
+
+
+@pytest.mark.parametrize("text", ["hf-hub:", "hf-hub:org/name@", "hf-hub:a/b/c", "hf-hub:org/na me"])
+def test_malformed_hub_spec_says_the_form(text: str) -> None:
+    with pytest.raises(ValueError, match="hf-hub:org/name"):
+        hub.parse_hub_spec(text)
+
+
+def test_hub_file_rejects_declaration_typos() -> None:
+    with pytest.raises(ValueError, match="sha256"):
+        hub.HubFile(REPO, sha256="ABC")
+    with pytest.raises(ValueError, match="revision"):
+        hub.HubFile(REPO, revision="")

@@ -16,13 +16,14 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
-from http_server import closed_port_url, serve_directory
+from http_server import closed_port_url, serve_directory, serve_hub
 from keras_reference import random_keras_h5
 from PIL import Image
 from torch import nn
 
 import xception
 from xception.weights import download as hub
+from xception.weights import loading as weights_loading
 from xception.weights import registered as weights_module
 from xception.weights.download import WeightsUnavailableError
 from xception.weights.formats import WeightFileError, read_safetensors_metadata
@@ -257,6 +258,39 @@ def test_interrupted_save_keeps_the_good_file(small_model: nn.Module, tmp_path: 
     monkeypatch.undo()
     reloaded = xception.create_model("xception", **CONFIG, weights=path)
     assert_same_state(reloaded, snapshot(good))
+
+
+# --- weights="hf-hub:org/name[@revision]": a Hub repository's model.safetensors -----------------------------
+
+def test_hub_repository_as_weights(small_model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one resolver (load_weights, so create_model and train --weights too) takes a Hub repository, through
+    huggingface_hub and its cache, against a local stand-in for the Hub named by HF_ENDPOINT; @revision pins it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    first = xception.save_weights(small_model, tmp_path / "first.safetensors").read_bytes()
+    other = calibrate(xception.create_model("xception", **CONFIG), seed=6)
+    second = xception.save_weights(other, tmp_path / "second.safetensors").read_bytes()
+    with serve_hub() as stand_in:
+        monkeypatch.setenv("HF_ENDPOINT", stand_in.base_url)
+        old = stand_in.publish("me/small", {"model.safetensors": first})
+        stand_in.publish("me/small", {"model.safetensors": second})
+        assert weights_loading.registered_weights("xception", "hf-hub:me/small") is None
+        latest = xception.create_model("xception", **CONFIG, weights="hf-hub:me/small")
+        pinned = xception.create_model("xception", **CONFIG, weights=f"hf-hub:me/small@{old}")
+        assert stand_in.downloads() == ["/me/small/resolve/main/model.safetensors",
+                                        f"/me/small/resolve/{old}/model.safetensors"]
+        new_head = xception.create_model("xception", **{**CONFIG, "num_classes": 3})
+        head = snapshot(new_head)["head.predictions.weight"]
+        xception.load_weights(new_head, "hf-hub:me/small", new_head=True)  # fine-tuning: the classifier stays new
+        with pytest.raises(WeightsUnavailableError, match="RepositoryNotFoundError"):
+            xception.create_model("xception", **CONFIG, weights="hf-hub:me/missing")
+    assert_same_state(latest, snapshot(other))
+    assert_same_state(pinned, snapshot(small_model))
+    assert torch.equal(new_head.state_dict()["head.predictions.weight"], head)
+    stem = "blocks.block1.conv1.weight"
+    assert torch.equal(new_head.state_dict()[stem], other.state_dict()[stem])
 
 
 # --- the registered weights ------------------------------------------------------------------------

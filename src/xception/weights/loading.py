@@ -11,13 +11,16 @@ import torch
 from torch import nn
 
 from ..files import atomic_path
-from .download import fetch
+from .download import fetch, hub_download, parse_hub_spec
 from .formats import WeightFileError, read_weights
 from .registered import Weights, get_weights
 
+PRETRAINED_WEIGHTS = "model.safetensors"  # the weights file of a Hub repository or a save_pretrained folder
+
 
 def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = False) -> str:
-    """Load a registered name (or ``"default"``) or a weight file into ``model``; returns the detected format.
+    """Load a registered name (or ``"default"``), a weight file or a Hub repository (``"hf-hub:org/name[@rev]"``,
+    its ``model.safetensors``) into ``model``; returns the detected format.
 
     ``model.pretrained_weights`` becomes the registered :class:`Weights` (None for a file). ``new_head``: a file
     whose classifier does not fit the model (another class count) loads all but the classifier, which keeps its
@@ -33,7 +36,7 @@ def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = Fals
     registered = registered_weights(getattr(model, "model_name", "xception"), weights)
     may_lack: tuple[str, ...] = ()
     if registered is None:
-        path = Path(weights)
+        path = weights_path(weights)
     else:
         path = fetch(registered.file_for(model.num_classes))
         if model.num_classes != registered.num_classes:
@@ -73,12 +76,23 @@ def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def registered_weights(model_name: str, weights: str | Path) -> Weights | None:
     """The registered weights ``weights`` names for the model ``model_name``, or None when it is a path (an existing
-    file or folder, or anything with a folder or a suffix in it). An unknown name is an error listing the
-    registered ones."""
+    file or folder, or anything with a folder or a suffix in it) or a Hub repository (``hf-hub:org/name``). An
+    unknown name is an error listing the registered ones."""
     path = Path(weights)
-    if isinstance(weights, Path) or path.exists() or path.suffix or path.parent != Path("."):
+    if (isinstance(weights, Path) or parse_hub_spec(weights) is not None or path.exists() or path.suffix
+            or path.parent != Path(".")):
         return None
     return get_weights(model_name, str(weights))
+
+
+def weights_path(weights: str | Path) -> Path:
+    """The local file of weights that are not a registered name: the path itself, or for ``hf-hub:org/name[@rev]``
+    the repository's ``model.safetensors`` (what :func:`xception.save_pretrained` writes, and timm's repositories
+    hold), fetched into the Hub's cache."""
+    repo = parse_hub_spec(weights)
+    if repo is None:
+        return Path(weights)
+    return hub_download(repo.repo, PRETRAINED_WEIGHTS, revision=repo.revision)
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str,

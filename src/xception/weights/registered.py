@@ -68,6 +68,7 @@ def keras_file(filename: str, md5: str, sha256: str, num_bytes: int) -> WeightFi
 
 
 TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+TIMM_TPU_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-tpu-weights/"
 TF_SOURCE = "DeepLab (tensorflow/models) ImageNet checkpoints, ported to PyTorch by timm"
 RA3_SOURCE = "timm's ImageNet-1k training (RandAugment recipe 'ra3'), from the Hugging Face Hub"
 # The evaluation transforms timm uses for each set: crop 299 after resizing the shorter side to 299 / crop_pct.
@@ -75,24 +76,35 @@ TF_TRANSFORM = {"resize_size": 331, "crop_size": 299, "interpolation": "bicubic"
 RA3_TRANSFORM = {**TF_TRANSFORM, "resize_size": 318}  # crop_pct 0.94
 
 
+def release_file(base_url: str, filename: str, num_bytes: int | None) -> WeightFile:
+    """A timm GitHub release file, pinned by the SHA-256 prefix in its name (torch hub's convention,
+    ``name-<8 hex>.pth``) and by its size where timm's documentation publishes it."""
+    digest = filename.rsplit("-", 1)[1].removesuffix(".pth")
+    return WeightFile(filename, (base_url + filename,), md5=None, num_bytes=num_bytes, sha256_prefix=digest)
+
+
 def deeplab_tf_weights(model: str, filename: str, num_bytes: int, num_params: int, top1: float,
                        top5: float) -> Weights:
     """DeepLab's TensorFlow ImageNet checkpoints of the aligned models as ported by timm. Only the SHA-256 prefix in
     each file name and the file sizes are published (timm's model documentation), so those pin the files."""
-    digest = filename.rsplit("-", 1)[1].removesuffix(".pth")
     return Weights(
         model=model, name="tf_in1k", num_classes=1000, notop_file=None,
-        file=WeightFile(filename, (TIMM_RELEASES + filename,), md5=None, num_bytes=num_bytes, sha256_prefix=digest),
+        file=release_file(TIMM_RELEASES, filename, num_bytes),
         meta={"num_params": num_params, "categories": "imagenet", "source": TF_SOURCE, "license": "Apache-2.0",
               "metrics": {"ImageNet-1k": {"top1": top1, "top5": top5}}},
         transform_config=TF_TRANSFORM)
 
 
-def timm_ra3_weights(model: str, num_params: int, top1: float) -> Weights:
-    """timm's own training of the aligned models, published on the Hugging Face Hub and pinned by the size and
-    SHA-256 the hub lists for the file (see HubFile). Top-1 as timm reports it; no top-5 is published."""
+def timm_ra3_weights(model: str, num_params: int, top1: float, *, revision: str, sha256: str | None,
+                     mirror: str) -> Weights:
+    """timm's own training of the aligned models: ``model.safetensors`` of the Hub repository
+    ``timm/<model>.ra3_in1k`` at ``revision`` (and ``sha256`` where it is published), with timm's GitHub release of
+    the same weights (a .pth, pinned by the SHA-256 prefix in its name; no size is published) as the mirror. Top-1
+    as timm reports it; no top-5 is published."""
+    file = HubFile(f"timm/{model}.ra3_in1k", revision=revision, sha256=sha256,
+                   mirrors=(release_file(TIMM_TPU_RELEASES, mirror, None),))
     return Weights(
-        model=model, name="ra3_in1k", num_classes=1000, notop_file=None, file=HubFile(f"timm/{model}.ra3_in1k"),
+        model=model, name="ra3_in1k", num_classes=1000, notop_file=None, file=file,
         meta={"num_params": num_params, "categories": "imagenet", "source": RA3_SOURCE, "license": "Apache-2.0",
               "metrics": {"ImageNet-1k": {"top1": top1}}},
         transform_config=RA3_TRANSFORM)
@@ -126,9 +138,23 @@ WEIGHTS: tuple[Weights, ...] = (
     deeplab_tf_weights("xception41", "tf_xception_41-e6439c97.pth", 108_422_028, 26_969_560, 78.54, 94.28),
     deeplab_tf_weights("xception65", "tf_xception_65-c9ae96e8.pth", 160_536_780, 39_916_312, 79.55, 94.66),
     deeplab_tf_weights("xception71", "tf_xception_71-8eec7df1.pth", 170_295_556, 42_338_736, 79.88, 94.93),
-    timm_ra3_weights("xception65", 39_916_312, 83.19),
-    timm_ra3_weights("xception41p", 26_907_752, 81.98),
-    timm_ra3_weights("xception65p", 39_819_560, 83.16),
+    # The ra3_in1k pins, and where each comes from (no value below was guessed; what could not be found is None):
+    # - revisions: the Hub's "Add model" commit of each repository (Apr 21 2023), the last to touch
+    #   model.safetensors, read from the Hub's commit pages huggingface.co/timm/<repo>/commit/<sha> (xception65) and
+    #   tree/<sha> (xception41p). No commit of timm/xception65p.ra3_in1k could be found: it follows the branch "main".
+    # - sha256: the Git LFS SHA-256 the Hub's page of timm/xception41p.ra3_in1k/blob/main/model.safetensors shows
+    #   (commit 327b9de). None was found for the other two: their downloads are checked against the SHA-256 the Hub
+    #   gives for the file at the pinned revision (its LFS id), not against a value fixed here.
+    # - mirrors: the same weights as timm's GitHub release files in v0.1-tpu-weights, pinned by the SHA-256 prefix
+    #   in their names (listed in timm commit 94bcdebd, as issue #15 cites them; not checked against another
+    #   source here). No size is published for them.
+    timm_ra3_weights("xception65", 39_916_312, 83.19, revision="ae9e1377bca4c1d5ce324a5e010f7bc72bc322a4",
+                     sha256=None, mirror="xception65_ra3-1447db8d.pth"),
+    timm_ra3_weights("xception41p", 26_907_752, 81.98, revision="327b9de3a26a7077952e38fe40e9c811b1bba6d1",
+                     sha256="84cc7268d4d0973769ac78db2c1d07e5bbfbcab2447d6f1df3f7b755ba7b2dea",
+                     mirror="xception41p_ra3-33195bc8.pth"),
+    timm_ra3_weights("xception65p", 39_819_560, 83.16, revision="main", sha256=None,
+                     mirror="xception65p_ra3-3c6114e4.pth"),
 )
 
 # What ``weights="default"`` loads for each model: the most accurate registered set.
