@@ -364,39 +364,55 @@ def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[t
 
 # --- ONNX ---------------------------------------------------------------------------------------------
 
-def export_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299,
-                opset: int = 18) -> Path:
-    """Write ``model`` (BatchNorm folded, fp32) to an ONNX file with a dynamic batch dimension.
+def export_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299, opset: int = 18,
+                dynamic_size: bool | None = None) -> Path:
+    """Write ``model`` (BatchNorm folded, fp32) to an ONNX file with a dynamic batch dimension and, with
+    ``dynamic_size``, a dynamic height and width (from the model's ``min_input_size``). ``dynamic_size`` defaults to
+    True for segmentation models (``model.task``), whose output has the input's size, False for classifiers.
 
     The file is written to a temporary name and renamed, so a failed export leaves no partial file.
     """
     path = Path(path)
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if dynamic_size is None:
+        dynamic_size = getattr(model, "task", None) == "segmentation"
     folded = fold_batchnorm(model)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if dynamic_size:
+        smallest = max(getattr(model, "min_input_size", 2), 2)  # torch.export specialises sizes 0 and 1
+        dims |= {2: torch.export.Dim("height", min=smallest, max=8192),
+                 3: torch.export.Dim("width", min=smallest, max=8192)}
+        for pool in folded.modules():
+            if isinstance(pool, MaxPool2dSame):
+                pool.shape_agnostic = True  # TF-'same' pooling would freeze the example's parity into the graph
     example = torch.randn(2, getattr(model, "in_chans", 3), height, width)
     with atomic_path(path, suffix=".onnx") as temporary:
         torch.onnx.export(folded, (example,), str(temporary), input_names=["images"], output_names=["output"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, opset_version=opset,
-                          dynamo=True, external_data=False)
+                          dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True, external_data=False)
     return path
 
 
 def check_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299,
                batch_sizes: tuple[int, ...] = (1, 3)) -> float:
     """The largest relative difference (max |onnx - torch| / max |torch|) between onnxruntime running ``path`` and
-    ``model`` on random batches of each size in ``batch_sizes``."""
+    ``model`` on random batches of each size in ``batch_sizes``, at ``img_size`` and, where the file's height and
+    width are dynamic, also at a size of the other parity in both (``img_size`` + (17, 9)), where a graph that froze
+    the example's size would fail or differ."""
     try:
         import onnxruntime
     except ImportError as error:
         raise ImportError("checking an ONNX export needs onnxruntime (pip install 'xception[deploy]')") from error
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    images = session.get_inputs()[0]
+    sizes = [(height, width)]
+    if not all(isinstance(side, int) for side in images.shape[2:]):
+        sizes.append((height + 17, width + 9))
     model = model.eval()
     worst = 0.0
-    for batch in batch_sizes:
-        x = torch.rand(batch, getattr(model, "in_chans", 3), height, width) * 2 - 1
-        (output,) = session.run(None, {input_name: x.numpy()})
+    for (size_h, size_w), batch in itertools.product(sizes, batch_sizes):
+        x = torch.rand(batch, getattr(model, "in_chans", 3), size_h, size_w) * 2 - 1
+        (output,) = session.run(None, {images.name: x.numpy()})
         with torch.no_grad():
             expected = model(x).double()
         worst = max(worst, ((torch.from_numpy(output).double() - expected).abs().max() / expected.abs().max()).item())

@@ -42,8 +42,12 @@ def tf_same_padding(size: int, kernel_size: int, stride: int = 1, dilation: int 
     the extra element after the input. PyTorch's symmetric padding differs whenever that happens.
     """
     effective_kernel = (kernel_size - 1) * dilation + 1
-    out = -(-size // stride)  # ceil(size / stride) in integers, which TorchScript also compiles
-    total = max((out - 1) * stride + effective_kernel - size, 0)
+    # ceil(size / stride) for size >= 1, written as a convolution's output size: with symbolic sizes (torch.export
+    # with a dynamic height and width) it is then the very expression of a strided 1x1 shortcut's output.
+    out = (size - 1) // stride + 1
+    total = (out - 1) * stride + effective_kernel - size
+    if effective_kernel < stride:  # only then can the total be negative; a static test, no branch on the size
+        total = max(total, 0)
     return total // 2, total - total // 2
 
 
@@ -103,6 +107,9 @@ class MaxPool2dSame(nn.Module):
     deploy path sets it): an odd window is pooled at stride 1 with symmetric padding and every ``stride``-th
     window kept, which are exactly TensorFlow's (a padded element is one a window at stride 1 also sees as
     padding); an even window is padded explicitly with -inf (a copy of the input, which int8 cannot hold).
+
+    ``shape_agnostic = True`` makes one graph serve every input size (ONNX export with a dynamic height and width
+    sets it): see :meth:`_gather_windows`.
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
@@ -110,10 +117,13 @@ class MaxPool2dSame(nn.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.explicit_padding = False
+        self.shape_agnostic = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
         left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
+        if self.shape_agnostic and self.kernel_size >= self.stride:
+            return self._gather_windows(x, top, left)
         if bottom == top and right == left:
             return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left))
         if self.explicit_padding and self.kernel_size % 2 == 1:
@@ -125,6 +135,18 @@ class MaxPool2dSame(nn.Module):
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
             return F.max_pool2d(x, self.kernel_size, self.stride)
         return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
+
+    def _gather_windows(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        """One graph for every input size, for an export with a dynamic height and width (``shape_agnostic``):
+        which windows TensorFlow keeps depends on the parity of the size, which the paths above branch on and an
+        exported graph would freeze. Here every window is pooled at stride 1 and TensorFlow's are gathered by
+        index, computed from the size. Exact; slower than the paths above, so only exports set it."""
+        half = self.kernel_size // 2
+        height, width = (x.shape[-2] - 1) // self.stride + 1, (x.shape[-1] - 1) // self.stride + 1
+        pooled = F.max_pool2d(x, self.kernel_size, 1, padding=half)
+        rows = torch.arange(height, device=x.device) * self.stride + (half - top)
+        cols = torch.arange(width, device=x.device) * self.stride + (half - left)
+        return pooled.index_select(-2, rows).index_select(-1, cols)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=tf_same"

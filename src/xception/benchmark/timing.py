@@ -330,7 +330,7 @@ class PeakMemory:
 
 def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, channels_last: bool | None = None,
                      img_size: tuple[int, int] | None = None) -> Candidate:
-    """A PyTorch image classifier (NCHW input, logits output) prepared as ``config`` says.
+    """A PyTorch image classifier or segmentation model (NCHW input, logits output) prepared as ``config`` says.
 
     ``channels_last`` and ``img_size`` override the config, for peers timed in both layouts or at their own size.
     """
@@ -377,9 +377,10 @@ def _train_step(module: nn.Module, runner: nn.Module, x: torch.Tensor,
     # The uncompiled module counts the classes, so that the compiled one first sees the timed batch size.
     module.eval()
     with torch.no_grad():
-        num_classes = module(x[:1]).shape[-1]
+        logits = module(x[:1])
     module.train()
-    labels = torch.randint(num_classes, (x.shape[0],), device=x.device)
+    # A class per image (logits N x classes), or per pixel for segmentation (N x classes x H x W).
+    labels = torch.randint(logits.shape[1], (x.shape[0], *logits.shape[2:]), device=x.device)
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     scaler = torch.amp.GradScaler(config.device, enabled=config.precision == "fp16")
 

@@ -108,7 +108,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    """ONNX with a dynamic batch dimension, checked against PyTorch in onnxruntime when it is installed."""
+    """ONNX with a dynamic batch dimension (and size, for segmentation), checked against PyTorch in onnxruntime."""
     from ..deploy import check_onnx, export_onnx
     from ..inference import add_onnx_metadata, describe_preprocessing, load_model
     from ..models import create_model
@@ -119,15 +119,24 @@ def command_export(args: argparse.Namespace) -> int:
         model, img_size = loaded.model, args.img_size or loaded.img_size
     else:
         model, img_size = create_model(args.model).eval(), args.img_size or 299
-    path = export_onnx(model, args.output, img_size=img_size)
-    if loaded is not None:
+    # A segmentation model's output has its input's size: its height and width stay dynamic, and its images are
+    # only scaled and normalised, never resized or cropped.
+    segmentation = getattr(model, "task", None) == "segmentation"
+    path = export_onnx(model, args.output, img_size=img_size, dynamic_size=segmentation)
+    preprocessing = loaded.preprocessing if loaded is not None else None
+    if preprocessing is not None and segmentation:
+        preprocessing = {**preprocessing, "resize_size": None, "crop_size": None, "interpolation": None}
+    if preprocessing is not None:
         # The ONNX file alone does not say how to make its input; the preprocessing predict and eval use does.
-        add_onnx_metadata(path, {"xception.preprocessing": json.dumps(loaded.preprocessing)})
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input images: (batch, {model.in_chans}, "
-          f"{img_size}, {img_size}) float32, batch dynamic")
-    if loaded is not None:
-        print("preprocessing (also in the file's metadata, xception.preprocessing): "
-              + describe_preprocessing(loaded.preprocessing))
+        add_onnx_metadata(path, {"xception.preprocessing": json.dumps(preprocessing)})
+    shape = (f"(batch, {model.in_chans}, height, width) float32, batch, height and width dynamic (at least "
+             f"{model.min_input_size} pixels)" if segmentation
+             else f"(batch, {model.in_chans}, {img_size}, {img_size}) float32, batch dynamic")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), input images: {shape}")
+    if preprocessing is not None:
+        described = (f"any size, scale to 0..1, normalise with mean {preprocessing['mean']} and std "
+                     f"{preprocessing['std']}" if segmentation else describe_preprocessing(preprocessing))
+        print(f"preprocessing (also in the file's metadata, xception.preprocessing): {described}")
     if args.check:
         error = check_onnx(model, path, img_size=img_size)
         print(f"onnxruntime vs PyTorch: max relative error {error:.2e} (bound 1e-4)")
@@ -317,7 +326,8 @@ def add_benchmark_command(commands: Any) -> None:
 
 
 def add_export_command(commands: Any) -> None:
-    export = commands.add_parser("export", help="export to ONNX (dynamic batch), checked with onnxruntime")
+    export = commands.add_parser("export", help="export to ONNX (dynamic batch; and size for segmentation), checked "
+                                                "with onnxruntime")
     export.add_argument("--format", choices=("onnx",), default="onnx")
     export.add_argument("--checkpoint", help="a run folder or a weights file")
     export.add_argument("--weights", help="registered weights of --model, e.g. imagenet")

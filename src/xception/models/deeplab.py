@@ -70,6 +70,9 @@ class ImagePooling(nn.Module):
         self.conv = conv_bn_relu(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            raise InvalidArgumentError("training a DeepLab model needs batches of two or more images: the BatchNorm "
+                                       "of its image-pooling branch sees a single value per channel in a batch of one")
         pooled = self.conv(x.mean((2, 3), keepdim=True))
         return pooled.expand(-1, -1, x.shape[2], x.shape[3])  # bilinear upsampling of a 1x1 map is a broadcast
 

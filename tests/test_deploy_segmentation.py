@@ -1,0 +1,115 @@
+"""Deploying segmentation models: BatchNorm folding and optimize_for_inference match eager, torch.export with a
+dynamic batch, height and width matches eager at sizes other than the example's, ``xception export`` of a
+segmentation checkpoint writes an ONNX file whose batch, height and width are dynamic and that onnxruntime runs
+like PyTorch, and ``xception benchmark`` times a segmentation model.
+
+The models are narrow versions of the paper's layout with its Keras numerics, whose TF-'same' max-pools keep
+different windows for even and odd sizes: an export that froze the example's size would differ at odd sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import calibrate_batch_norm, relative_error
+from torch import nn
+
+import xception
+from xception.cli import main
+from xception.deploy import fold_batchnorm, optimize_for_inference
+from xception.layers import MaxPool2dSame
+from xception.training.checkpoint import TrainingState, capture_rng_state, save_checkpoint
+
+# The paper's stem (stride 2, 'same' padding), three entry modules, no middle flow: strides 2..32 as in the paper.
+TINY = {"stem_widths": (8, 16), "entry_widths": (16, 24, 32), "middle_repeats": 0, "exit_widths": (32, 48),
+        "tail_widths": (48, 64), "stem_padding": "same", "aspp_channels": 16, "decoder_channels": 16,
+        "low_level_channels": 8}
+SIZE = 66  # even: every TF-'same' max-pool of the example pads asymmetrically
+
+
+def tiny_model(**options) -> nn.Module:
+    torch.manual_seed(0)
+    model = xception.create_model("deeplabv3plus_xception", num_classes=4, **{**TINY, **options})
+    return calibrate_batch_norm(model, SIZE, model.classifier)
+
+
+def test_folding_and_fp32_deploy_match_eager(one_thread) -> None:
+    model = tiny_model()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # the head's too
+    deployed = optimize_for_inference(model, "fp32", example_input=torch.randn(1, 3, SIZE, SIZE))
+    for shape in ((1, 3, SIZE, SIZE), (2, 3, 71, 93)):
+        x = torch.rand(*shape) * 2 - 1
+        with torch.no_grad():
+            expected = model(x)
+        assert relative_error(folded(x), expected) <= 1e-5
+        output = deployed(x)
+        assert output.shape == (shape[0], 4, *shape[2:]) and relative_error(output, expected) <= 1e-5
+
+
+def test_torch_export_with_dynamic_batch_and_size_matches_eager(one_thread) -> None:
+    """One exported program serves every batch and size. The TF-'same' max-pools are switched to their
+    shape-agnostic form first, as export_onnx does (their usual paths branch on the parity of each size, which
+    torch.export refuses to leave dynamic)."""
+    model = tiny_model()
+    example = torch.randn(2, 3, SIZE, SIZE)
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("height", min=65, max=1024),
+            3: torch.export.Dim("width", min=65, max=1024)}
+    for pool in model.modules():
+        if isinstance(pool, MaxPool2dSame):
+            pool.shape_agnostic = True
+    program = torch.export.export(model, (example,), dynamic_shapes=(dims,)).module()
+    for pool in model.modules():
+        if isinstance(pool, MaxPool2dSame):
+            pool.shape_agnostic = False  # the eager reference takes the usual paths
+    for shape in ((1, 3, 65, 97), (3, 3, SIZE, 80), (2, 3, 99, 67)):
+        x = torch.rand(*shape) * 2 - 1
+        with torch.no_grad():
+            assert relative_error(program(x), model(x)) <= 1e-5, shape
+
+
+def segmentation_run(directory: Path) -> nn.Module:
+    """A run folder as training writes it: best.safetensors from the checkpoint writer, and config.json."""
+    model = tiny_model()
+    state = TrainingState(0, 1, 0, None, model.state_dict(), None, {}, None, None, capture_rng_state(), {})
+    save_checkpoint(directory, "best", state, architecture=model.architecture(), model_name=model.model_name)
+    (directory / "config.json").write_text(json.dumps({"recipe": {"img_size": SIZE}, "classes": list("abcd")}))
+    return model
+
+
+def test_export_command_for_a_segmentation_checkpoint(tmp_path: Path, one_thread, capsys) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = segmentation_run(tmp_path / "run")
+    output = tmp_path / "seg.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "batch, height and width dynamic" in printed and "any size" in printed
+    assert "onnxruntime vs PyTorch: max relative error" in printed  # at 66x66 and 83x75, batches 1 and 3
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (images,) = session.get_inputs()
+    assert images.shape[1] == 3 and not any(isinstance(side, int) for side in (images.shape[0], *images.shape[2:]))
+    model.eval()
+    for shape in ((1, 3, 65, 97), (2, 3, 100, 70)):
+        x = torch.rand(*shape) * 2 - 1
+        (result,) = session.run(None, {images.name: x.numpy()})
+        with torch.no_grad():
+            assert relative_error(torch.from_numpy(result), model(x)) <= 1e-4, shape
+    metadata = {entry.key: entry.value for entry in __import__("onnx").load(str(output)).metadata_props}
+    preprocessing = json.loads(metadata["xception.preprocessing"])
+    assert preprocessing["crop_size"] is None and preprocessing["mean"] == [0.5] * 3
+
+
+def test_benchmark_command_times_a_segmentation_model(tmp_path: Path, one_thread, capsys) -> None:
+    options = [item for key, value in TINY.items() for item in ("--set", f"{key}={value!r}")]
+    for mode in ("inference", "train"):
+        code = main(["benchmark", "--model", "deeplabv3plus_xception", *options, "--img-size", "65",
+                     "--batch-size", "2", "--mode", mode, "--warmup", "1", "--repeats", "1", "--iterations", "1",
+                     "--format", "json"])
+        assert code == 0
+        (result,) = json.loads(capsys.readouterr().out)
+        assert result["candidate"] == "deeplabv3plus_xception" and result["images_per_s"] > 0
+        assert result["mode"] == mode and result["macs"] > 0
