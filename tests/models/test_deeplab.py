@@ -157,6 +157,36 @@ def test_backbone_weights_from_a_classification_file(tmp_path: Path) -> None:
     assert not torch.equal(fresh.backbone.blocks.block1.conv1.weight, model.backbone.blocks.block1.conv1.weight)
 
 
+def test_registered_backbone_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backbone_weights='imagenet' fetches the registered file without classifier (Keras's no-top file, which
+    nothing here may download). fetch is the network boundary: it returns our safetensors of the same network
+    without its classifier, which the loader reads by content just as it reads the Keras file (the format tests in
+    tests/weights cover that file's own layout). The first convolution is adapted to one input channel."""
+    from xception.weights import loading
+
+    registered = xception.get_weights("xception", "imagenet")
+    torch.manual_seed(3)
+    features = xception.create_model("xception", num_classes=0)
+    path = xception.save_weights(features, tmp_path / "notop.safetensors")
+    fetched = []
+
+    def fetch(file: object, **_kwargs: object) -> Path:
+        fetched.append(file)
+        return path
+
+    monkeypatch.setattr(loading, "fetch", fetch)
+    model = xception.create_model("deeplabv3_xception", num_classes=3, in_chans=1, backbone_weights="imagenet",
+                                  aspp_channels=8)
+    assert fetched == [registered.notop_file]
+    assert model.backbone.pretrained_weights is registered and model.pretrained_weights is None
+    source = features.state_dict()
+    for name, tensor in model.backbone.state_dict().items():
+        if name == "blocks.block1.conv1.weight":  # RGB filters summed for one channel
+            assert torch.allclose(tensor, source[name].sum(dim=1, keepdim=True))
+        else:
+            assert torch.equal(tensor, source[name]), name
+
+
 def test_backbone_weights_that_do_not_fit(tmp_path: Path) -> None:
     other = xception.create_model("xception", num_classes=7, **COMPACT)
     path = xception.save_weights(other, tmp_path / "compact.safetensors")
