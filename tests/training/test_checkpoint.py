@@ -100,8 +100,8 @@ def snapshot(run: Run) -> dict[str, torch.Tensor]:
 
 
 def training_state(run: Run, *, step: int, epoch: int = 0, position: int = 0, extra: dict | None = None,
-                   best_top1: float | None = None) -> TrainingState:
-    return TrainingState(epoch=epoch, step=step, position=position, best_top1=best_top1,
+                   best_score: float | None = None) -> TrainingState:
+    return TrainingState(epoch=epoch, step=step, position=position, best_score=best_score,
                          model=run.model.state_dict(), ema=run.ema.state_dict(),
                          optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                          grad_scaler=run.scaler.state_dict(), rng=capture_rng_state(),
@@ -151,7 +151,7 @@ def test_resume_is_bit_identical(tmp_path, kind):
         train_step(run)
     saved = copy.deepcopy({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                            "scaler": run.scaler.state_dict()})
-    save(run, tmp_path, step=3, epoch=1, position=24, best_top1=55.5)
+    save(run, tmp_path, step=3, epoch=1, position=24, best_score=55.5)
     expected = []
     for _ in range(3):
         train_step(run)
@@ -161,7 +161,7 @@ def test_resume_is_bit_identical(tmp_path, kind):
     seed_everything(99)  # another initialisation and another place in every generator
     resumed = make_run(kind)
     state = load_checkpoint(tmp_path, "last")
-    assert (state.epoch, state.step, state.position, state.best_top1) == (1, 3, 24, 55.5)
+    assert (state.epoch, state.step, state.position, state.best_score) == (1, 3, 24, 55.5)
     assert state.extra == {"history": [{"epoch": 0, "top1": 12.5}]}
     assert_same_tree(state.optimizer, saved["optimizer"], "optimizer")  # int keys, tuples, 0-dim steps...
     assert_same_tree(state.scheduler, saved["scheduler"], "scheduler")
@@ -206,7 +206,7 @@ def test_structure_round_trip_keeps_types(tmp_path):
     # The same through files, with ReduceLROnPlateau's infinities and an enabled GradScaler's state.
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    state = TrainingState(epoch=0, step=0, position=0, best_top1=None, model={"w": torch.zeros(2)}, ema=None,
+    state = TrainingState(epoch=0, step=0, position=0, best_score=None, model={"w": torch.zeros(2)}, ema=None,
                           optimizer=awkward, scheduler=plateau.state_dict(), grad_scaler=scaler.state_dict(),
                           rng=capture_rng_state(), extra={"config": {"lr": 0.1, "betas": [0.9, 0.999]}})
     save_checkpoint(tmp_path, "last", state, architecture={}, model_name="x")
@@ -220,7 +220,7 @@ def test_structure_round_trip_keeps_types(tmp_path):
     fresh_scaler = torch.amp.GradScaler("cpu")
     fresh_scaler.load_state_dict(loaded.grad_scaler)
     assert fresh_scaler.state_dict() == scaler.state_dict()
-    assert loaded.ema is None and loaded.best_top1 is None
+    assert loaded.ema is None and loaded.best_score is None
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
@@ -252,7 +252,7 @@ def test_cuda_rng_state_round_trips(tmp_path):
 
 def test_weights_file_loads_into_an_xception_model(tmp_path):
     model = xception.create_model("xception", middle_repeats=0, num_classes=10)
-    state = TrainingState(epoch=2, step=10, position=0, best_top1=1.0, model=model.state_dict(), ema=None,
+    state = TrainingState(epoch=2, step=10, position=0, best_score=1.0, model=model.state_dict(), ema=None,
                           optimizer={}, scheduler=None, grad_scaler=None, rng=capture_rng_state(), extra={})
     path = save_checkpoint(tmp_path, "best", state, architecture=model.architecture(), model_name=model.model_name)
     assert path == tmp_path / "best.safetensors"

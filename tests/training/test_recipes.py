@@ -41,7 +41,7 @@ def test_overrides_and_unknown_names():
     assert get_recipe("compact", epochs=3, lr=None).epochs == 3
     with pytest.raises(ValueError, match="available"):
         get_recipe("nope")
-    assert set(RECIPES) == {"imagenet-paper", "jft-paper", "compact", "finetune"}
+    assert set(RECIPES) == {"imagenet-paper", "jft-paper", "compact", "finetune", "camvid"}
 
 
 def test_finetune_recipe_names_its_sources_and_phases():
@@ -49,3 +49,16 @@ def test_finetune_recipe_names_its_sources_and_phases():
     for source in ("keras.io/guides/transfer_learning", "layer_decay", "linear probe"):
         assert source in recipe.source
     assert recipe.freeze_epochs > 0 and 0 < recipe.layer_decay < 1 and recipe.freeze_bn
+
+
+def test_camvid_follows_deeplabs_poly_schedule_to_zero():
+    """DeepLab's "poly" policy: lr x (1 - step / total) ** 0.9 after the warm-up (Chen et al. 2018, section 4)."""
+    recipe = get_recipe("camvid")
+    assert (recipe.task, recipe.schedule, recipe.poly_power, recipe.output_stride) == ("segmentation", "poly", 0.9, 16)
+    assert recipe.model.startswith("deeplabv3plus_") and "DeepLabV3+" in recipe.source
+    steps_per_epoch, total, batch = 40, 400, recipe.reference_batch_size
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    for step in (warmup, warmup + 100, total - 1):
+        expected = recipe.lr * (1 - (step - warmup) / (total - warmup)) ** 0.9
+        assert recipe.learning_rate(step, steps_per_epoch, batch, total) == pytest.approx(expected)
+    assert recipe.learning_rate(total, steps_per_epoch, batch, total) == 0.0

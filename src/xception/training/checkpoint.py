@@ -64,7 +64,7 @@ class TrainingState:
     epoch: int  # epoch in progress (0-based)
     step: int  # optimizer steps done in total
     position: int  # samples of this epoch already consumed (per rank), for the resumable sampler
-    best_top1: float | None
+    best_score: float | None  # the best validation score so far: top-1 (classification) or mIoU (segmentation)
     model: dict[str, torch.Tensor]  # model.state_dict()
     ema: dict[str, torch.Tensor] | None  # the EMA model's state_dict, if any
     optimizer: dict  # optimizer.state_dict()
@@ -156,7 +156,7 @@ def save_checkpoint(directory: str | Path, name: str, state: TrainingState, *, a
                         **common, "checkpoint_sha256": tensors_digest(weights)}
 
     skeleton, tensors = flatten_state({
-        "epoch": state.epoch, "step": state.step, "position": state.position, "best_top1": state.best_top1,
+        "epoch": state.epoch, "step": state.step, "position": state.position, "best_score": state.best_score,
         "model_keys": list(weights), "ema": state.ema, "optimizer": state.optimizer, "scheduler": state.scheduler,
         "grad_scaler": state.grad_scaler, "rng": state.rng, "extra": state.extra,
     })
@@ -251,8 +251,10 @@ def load_checkpoint(directory: str | Path, name: str = "last") -> TrainingState:
     if set(model_keys) != set(weights):
         raise CheckpointError(f"{weights_path} does not hold the weights {state_path.name} lists "
                               f"({len(weights)} tensors, {len(model_keys)} expected); the checkpoint is corrupt")
+    # Checkpoints written before segmentation training named the best score "best_top1".
+    best_score = tree["best_score"] if "best_score" in tree else tree["best_top1"]
     return TrainingState(
-        epoch=tree["epoch"], step=tree["step"], position=tree["position"], best_top1=tree["best_top1"],
+        epoch=tree["epoch"], step=tree["step"], position=tree["position"], best_score=best_score,
         model={key: weights[key] for key in model_keys}, ema=tree["ema"], optimizer=tree["optimizer"],
         scheduler=tree["scheduler"], grad_scaler=tree["grad_scaler"], rng=tree["rng"], extra=tree["extra"],
     )

@@ -14,16 +14,23 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from ..precision import TRAINING_PRECISIONS
-from .recipes import RECIPES, Recipe, get_recipe
+from .recipes import RECIPES, TASKS, Recipe, get_recipe
+
+CLASSIFICATION, SEGMENTATION = ("classification",), ("segmentation",)
+DEFAULT_RECIPES = {"classification": "compact", "segmentation": "camvid"}
 
 
 def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
            above: float | None = None, below: float | None = None, recipe: bool = False, flag: str | None = None,
-           choices: tuple[str, ...] | None = None, cli: bool = True) -> Any:
+           choices: tuple[Any, ...] | None = None, cli: bool = True, tasks: tuple[str, ...] = TASKS,
+           task_flags: dict[str, str] | None = None, required_for: tuple[str, ...] = ()) -> Any:
     """A TrainConfig field: its help text and bounds serve the command line and the Python API alike.
-    ``recipe=True``: None takes the recipe's value."""
+    ``recipe=True``: None takes the recipe's value. ``tasks``: the tasks it applies to (``xception train`` has
+    the classification flags, ``xception segment train`` the segmentation ones); ``task_flags``: its flag where a
+    task spells it otherwise; ``required_for``: the tasks whose command requires it."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "above": above, "below": below,
-                "recipe": recipe, "flag": flag, "choices": choices, "cli": cli}
+                "recipe": recipe, "flag": flag, "choices": choices, "cli": cli, "tasks": tasks,
+                "task_flags": task_flags or {}, "required_for": required_for}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -31,8 +38,13 @@ def option(default: Any, help: str, *, minimum: float | None = None, maximum: fl
 
 @dataclass
 class TrainConfig:
-    data: str = option("fashion-mnist", "fashion-mnist, or a folder with train/<class>/* and val/<class>/*")
-    recipe: str = option("compact", "training recipe", choices=tuple(sorted(RECIPES)))
+    task: str = option("classification", "what is learnt: a class per image (xception train) or per pixel "
+                                         "(xception segment train)", choices=TASKS, cli=False)
+    data: str = option("fashion-mnist", "fashion-mnist, or a folder with train/<class>/* and val/<class>/*; "
+                                        "segmentation: a folder with classes.txt, train/images/<stem>.jpg, "
+                                        "train/labels/<stem>.png and val/ alike", required_for=SEGMENTATION)
+    recipe: str | None = option(None, "training recipe (default: compact; segmentation: camvid)",
+                                choices=tuple(sorted(RECIPES)))
     model: str | None = option(None, "model to train (default: the recipe's)", recipe=True)
     model_options: dict[str, Any] = option({}, "architecture option on top of the recipe's, e.g. --set "
                                                "middle_repeats=4 (repeatable)", flag="--set")
@@ -41,29 +53,46 @@ class TrainConfig:
                                     recipe=True)
     lr: float | None = option(None, "learning rate at the recipe's reference batch size (scaled linearly to the "
                                     "global batch)", above=0, recipe=True)
-    img_size: int | None = option(None, "training and evaluation image size (default: the recipe's)", minimum=8,
-                                  recipe=True)
+    img_size: int | None = option(None, "training and evaluation image size; segmentation: the side of the square "
+                                        "training crop, evaluation being at full resolution (default: the "
+                                        "recipe's)", minimum=8, recipe=True, task_flags={"segmentation": "--crop-size"})
     weights: str | None = option(None, "start from pretrained weights: a registered name (imagenet, tf_in1k...), "
                                        "a weight file of any format the library reads, or a finished run folder "
-                                       "(its architecture too); a new class count gets a new classifier")
+                                       "(its architecture too); a new class count gets a new classifier",
+                                 tasks=CLASSIFICATION)
+    backbone_weights: str | None = option(None, "start the backbone from pretrained weights: a registered name of the "
+                                                "backbone (tf_in1k, imagenet...), a weight file, or a classification "
+                                                "run folder (its backbone architecture too)", tasks=SEGMENTATION)
+    output_stride: int | None = option(None, "the backbone's output stride (default: the recipe's)", recipe=True,
+                                       choices=(8, 16, 32), tasks=SEGMENTATION)
+    ignore_index: int = option(255, "label value that the loss and the metrics ignore", minimum=0, maximum=255,
+                               tasks=SEGMENTATION)
     freeze_epochs: int | None = option(None, "epochs that train the classifier alone, the rest frozen (default: "
-                                             "the recipe's)", minimum=0, recipe=True)
+                                             "the recipe's)", minimum=0, recipe=True, tasks=CLASSIFICATION)
     layer_decay: float | None = option(None, "learning rate x this ** depth, depth in blocks from the classifier "
-                                             "(default: the recipe's)", above=0, maximum=1, recipe=True)
+                                             "(default: the recipe's)", above=0, maximum=1, recipe=True,
+                                       tasks=CLASSIFICATION)
     freeze_bn: bool | None = option(None, "keep BatchNorm running statistics frozen (default: the recipe's)",
                                     recipe=True)
-    augmentation: str | None = option(None, "training augmentation (default: the recipe's)", recipe=True,
+    augmentation: str | None = option(None, "training augmentation (default: the recipe's); segmentation: deeplab "
+                                            "(scale 0.5-2, crop, flip, colour jitter), basic (crop, flip) or none "
+                                            "(crop)", recipe=True,
                                       flag="--augment", choices=("none", "basic", "randaugment", "trivialaugment",
-                                                                 "inception", "compact"))
-    mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True)
-    cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True)
+                                                                 "inception", "compact", "deeplab"))
+    mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
+                                 tasks=CLASSIFICATION)
+    cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
+                                  tasks=CLASSIFICATION)
     random_erasing: float | None = option(None, "probability of random erasing (default: the recipe's)",
-                                          minimum=0, maximum=1, recipe=True)
-    class_weights: str | None = option(None, "'balanced': weight the loss of each class by its rarity (default: "
-                                             "the recipe's)", recipe=True, choices=("balanced",))
+                                          minimum=0, maximum=1, recipe=True, tasks=CLASSIFICATION)
+    class_weights: str | None = option(None, "weight the loss of each class by its rarity (default: the recipe's): "
+                                             "'balanced' (classification: N / (classes x its count)) or "
+                                             "'median-frequency' (segmentation: median frequency balancing)",
+                                       recipe=True, choices=("balanced", "median-frequency"))
     freeze: str | None = option(None, "keep the parameters whose names match this regular expression frozen "
                                       "throughout, e.g. '^blocks\\.block[1-4]\\.'")
-    output: Path = option(Path("runs/xception"), "run folder: checkpoints, metrics, curves")
+    output: Path = option(Path("runs/xception"), "run folder: checkpoints, metrics, curves",
+                          required_for=SEGMENTATION)
     resume: bool = option(False, "continue the run in --output where it stopped")
     seed: int = option(0, "random seed (data order, augmentation, initialisation)", minimum=0)
     deterministic: bool = option(False, "deterministic kernels: a resumed run ends bit for bit the same")
@@ -79,7 +108,7 @@ class TrainConfig:
     grad_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1)
     clip_grad_norm: float | None = option(None, "clip the gradient norm to this", above=0, recipe=True)
     drop_rate: float | None = option(None, "dropout before the classifier (default: the recipe's)", minimum=0,
-                                     below=1, recipe=True)
+                                     below=1, recipe=True, tasks=CLASSIFICATION)
     label_smoothing: float | None = option(None, "label smoothing (default: the recipe's)", minimum=0, below=1,
                                            recipe=True)
     ema_decay: float | None = option(None, "decay of the weights' moving average used for evaluation (default: "
@@ -89,13 +118,18 @@ class TrainConfig:
                                    minimum=1)
     max_steps: int | None = option(None, "stop after this many optimizer steps", minimum=1)
     classes: str | None = option(None, "train on these classes only: comma-separated names or indices (labels are "
-                                       "renumbered in this order, the names kept)")
-    train_per_class: int | None = option(None, "train on the first N images of each class only", minimum=1)
+                                       "renumbered in this order, the names kept)", tasks=CLASSIFICATION)
+    train_per_class: int | None = option(None, "train on the first N images of each class only", minimum=1,
+                                         tasks=CLASSIFICATION)
     train_subset: int | None = option(None, "train on the first N images only", minimum=1)
     val_subset: int | None = option(None, "evaluate on the first N validation images only", minimum=1)
     progress: bool = option(True, "progress bars", cli=False)
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise InvalidArgumentError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.recipe is None:
+            self.recipe = DEFAULT_RECIPES[self.task]
         self.output = Path(self.output)
         if self.freeze is not None:
             try:
@@ -106,12 +140,22 @@ class TrainConfig:
         for item in fields(self):
             problem = bound_problem(getattr(self, item.name), item.metadata)
             if problem:
-                raise InvalidArgumentError(f"{item.name} ({flag_name(item)}) {problem}")
+                raise InvalidArgumentError(f"{item.name} ({flag_name(item, self.task)}) {problem}")
+            if self.task not in item.metadata["tasks"] and getattr(self, item.name) != default_value(item):
+                raise InvalidArgumentError(f"{item.name} ({flag_name(item, self.task)}) does not apply to "
+                                           f"{self.task}; it is an option of {' and '.join(item.metadata['tasks'])}")
 
     def resolved_recipe(self) -> Recipe:
-        """The recipe with every option this config sets (not None) in place of the recipe's value."""
-        return get_recipe(self.recipe, **{item.name: getattr(self, item.name) for item in fields(self)
-                                          if item.metadata["recipe"]})
+        """The recipe with every option this config sets (not None) in place of the recipe's value; it must be a
+        recipe of this config's task."""
+        recipe = get_recipe(self.recipe, **{item.name: getattr(self, item.name) for item in fields(self)
+                                            if item.metadata["recipe"]})
+        if recipe.task != self.task:
+            others = ", ".join(sorted(name for name, r in RECIPES.items() if r.task == self.task))
+            command = "xception segment train" if recipe.task == "segmentation" else "xception train"
+            raise InvalidArgumentError(f"recipe {self.recipe!r} trains {recipe.task} models, not {self.task}: use "
+                                       f"{command} for it, or one of these recipes: {others}")
+        return recipe
 
     def class_list(self) -> list[str] | None:
         """``classes`` as a list of names or indices."""
@@ -121,8 +165,12 @@ class TrainConfig:
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
 
 
-def flag_name(item: Any) -> str:
-    return item.metadata["flag"] or "--" + item.name.replace("_", "-")
+def flag_name(item: Any, task: str = "classification") -> str:
+    return item.metadata["task_flags"].get(task) or item.metadata["flag"] or "--" + item.name.replace("_", "-")
+
+
+def default_value(item: Any) -> Any:
+    return item.default_factory() if item.default is MISSING else item.default
 
 
 def bound_problem(value: Any, metadata: Any) -> str | None:
@@ -130,7 +178,7 @@ def bound_problem(value: Any, metadata: Any) -> str | None:
     if value is None:
         return None
     if metadata.get("choices") and value not in metadata["choices"]:
-        return f"must be one of {', '.join(metadata['choices'])}, got {value!r}"
+        return f"must be one of {', '.join(map(str, metadata['choices']))}, got {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
     for key, test, words in (("minimum", lambda v, b: v >= b, "must be >= {}"),
@@ -143,27 +191,37 @@ def bound_problem(value: Any, metadata: Any) -> str | None:
     return None
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str]) -> None:
-    """One flag per :class:`TrainConfig` field, with its help, type, bounds and default."""
-    for item in fields(TrainConfig):
+def task_fields(task: str) -> list[Any]:
+    """The TrainConfig fields a task's training command has flags for."""
+    return [item for item in fields(TrainConfig) if item.metadata["cli"] and task in item.metadata["tasks"]]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str],
+                        task: str = "classification") -> None:
+    """One flag per :class:`TrainConfig` field of ``task``, with its help, type, bounds and default."""
+    for item in task_fields(task):
         metadata = item.metadata
-        if not metadata["cli"]:
-            continue
-        default = item.default if item.default is not MISSING else None
+        name = flag_name(item, task)
+        required = task in metadata["required_for"]
+        default = None if required or item.default is MISSING else item.default
         help_text = metadata["help"] + ("" if default in (None, False) else f" (default: {default})")
-        # dest is the field's name even where the flag is spelt otherwise (--set, --augment)
+        # dest is the field's name even where the flag is spelt otherwise (--set, --augment, --crop-size)
         flag = {"dest": item.name, "help": help_text}
         if item.name == "model_options":
-            parser.add_argument(flag_name(item), action="append", default=[], metavar="KEY=VALUE", **flag)
+            parser.add_argument(name, action="append", default=[], metavar="KEY=VALUE", **flag)
         elif item.type == "bool | None":
-            parser.add_argument(flag_name(item), action=argparse.BooleanOptionalAction, default=None, **flag)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, **flag)
         elif item.type == "bool" and default:
-            parser.add_argument(flag_name(item), action=argparse.BooleanOptionalAction, default=True, **flag)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=True, **flag)
         elif item.type == "bool":
-            parser.add_argument(flag_name(item), action="store_true", **flag)
+            parser.add_argument(name, action="store_true", **flag)
         else:
-            choices = model_choices if item.name == "model" else metadata["choices"]
-            parser.add_argument(flag_name(item), type=checked_type(item), default=default, choices=choices,
+            choices = metadata["choices"]
+            if item.name == "model":
+                choices = model_choices
+            elif item.name == "recipe":
+                choices = sorted(name for name, recipe in RECIPES.items() if recipe.task == task)
+            parser.add_argument(name, type=checked_type(item), default=default, choices=choices, required=required,
                                 metavar=None if choices else item.name.upper(), **flag)
 
 
@@ -191,7 +249,8 @@ def bounded(kind: type, **bounds: float | None) -> Callable[[str], Any]:
     return parse
 
 
-def config_from_args(args: argparse.Namespace, model_options: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig the parsed ``xception train`` flags describe."""
-    values = {item.name: getattr(args, item.name) for item in fields(TrainConfig) if item.metadata["cli"]}
-    return TrainConfig(**{**values, "model_options": model_options})
+def config_from_args(args: argparse.Namespace, model_options: dict[str, Any],
+                     task: str = "classification") -> TrainConfig:
+    """The TrainConfig the parsed ``xception train`` (or ``segment train``) flags describe."""
+    values = {item.name: getattr(args, item.name) for item in task_fields(task)}
+    return TrainConfig(**{**values, "model_options": model_options, "task": task})

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..data import (
@@ -19,6 +19,7 @@ from ..data import (
     load_fashion_mnist,
     train_transform,
 )
+from ..errors import InvalidArgumentError
 from ..weights.loading import registered_weights
 from .recipes import Recipe
 
@@ -37,10 +38,17 @@ def build_datasets(config: TrainConfig, recipe: Recipe, distributed: Distributed
     if config.classes is not None or config.train_per_class is not None:
         train = train.subset(config.class_list(), config.train_per_class)
         val = val.subset(config.class_list())
-    train_sampler = ResumableSampler(len(train), shuffle=True, seed=config.seed, rank=distributed.rank,
+    return train, val, *samplers(len(train), len(val), config, recipe, distributed)
+
+
+def samplers(train_size: int, val_size: int, config: TrainConfig, recipe: Recipe,
+             distributed: Distributed) -> tuple[ResumableSampler, ResumableSampler]:
+    """The training sampler (shuffled, sharded in chunks of one batch, incomplete batches dropped) and the
+    validation one (in order, sharded), of any task's datasets."""
+    train_sampler = ResumableSampler(train_size, shuffle=True, seed=config.seed, rank=distributed.rank,
                                      world_size=distributed.world_size, drop_last=True, chunk=recipe.batch_size)
-    val_sampler = ResumableSampler(len(val), shuffle=False, rank=distributed.rank, world_size=distributed.world_size)
-    return train, val, train_sampler, val_sampler
+    val_sampler = ResumableSampler(val_size, shuffle=False, rank=distributed.rank, world_size=distributed.world_size)
+    return train_sampler, val_sampler
 
 
 def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
@@ -71,12 +79,13 @@ def load_split_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDatas
     return train, val
 
 
-def make_loader(dataset: ImageDataset, sampler: ResumableSampler, batch_size: int, workers: int,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int,
+                drop_last: bool = False, collate_fn: Callable = collate_skipping) -> DataLoader:
+    """A loader of (inputs, labels, number of unreadable samples skipped) batches."""
     # A private generator: creating an iterator must not draw from the global RNG, or a resumed run (which
     # creates its iterator at another moment) would see different dropout masks.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
 
 
 def batch_mixer(recipe: Recipe, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
@@ -95,5 +104,8 @@ def class_weights(dataset: ImageDataset, recipe: Recipe) -> torch.Tensor | None:
     compute_class_weight does, so that rare classes count as much as common ones."""
     if recipe.class_weights is None:
         return None
+    if recipe.class_weights != "balanced":
+        raise InvalidArgumentError(f"class weights {recipe.class_weights!r} are for segmentation: classification "
+                                   "takes --class-weights balanced")
     counts = torch.bincount(torch.tensor(dataset.source.label_list()), minlength=len(dataset.classes)).double()
     return (counts.sum() / (len(counts) * counts.clamp(min=1))).float()

@@ -1,5 +1,9 @@
 """The training loop: one readable function, every knob visible in :class:`~xception.training.config.TrainConfig`.
 
+One loop for every task: classification and semantic segmentation differ only in the parts a task object
+supplies (:mod:`.tasks`: datasets, model, loss weights and ignored label, evaluation, the score of the best
+checkpoint).
+
 Runs on one process or, under ``torchrun``, as DistributedDataParallel (gloo on CPU, NCCL on CUDA): each rank sees
 its shard of the data, gradients are averaged (once per optimizer step: accumulation micro-steps skip the
 all-reduce), and only rank 0 writes files.
@@ -32,13 +36,21 @@ from tqdm import tqdm
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
 from ..precision import get_precision
-from .checkpoint import TrainingState, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    TrainingState,
+    capture_rng_state,
+    load_checkpoint,
+    read_architecture,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
-from .data import batch_mixer, build_datasets, class_weights, make_loader
-from .finetune import build_model, parameter_groups, set_trainable
-from .metrics import MetricsLogger, evaluate, plot_history
+from .data import batch_mixer, make_loader
+from .finetune import parameter_groups, set_trainable
+from .metrics import MetricsLogger, plot_history
 from .recipes import Recipe
 from .step import forward_backward, optimizer_step
+from .tasks import task_for
 
 log = logging.getLogger("xception.train")
 
@@ -108,7 +120,7 @@ class RunState:
     epoch: int = 0
     step: int = 0  # optimizer steps done
     position: int = 0  # samples of this epoch already consumed (by this rank)
-    best_top1: float | None = None
+    best_score: float | None = None  # the task's: top-1 (classification) or mIoU (segmentation)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     steps_log: list[dict[str, Any]] = field(default_factory=list)  # loss and learning rate every 20 steps
     # This epoch's running sums, so that a resumed epoch reports what an uninterrupted one would.
@@ -119,10 +131,16 @@ class RunState:
         self.epoch, self.position = self.epoch + 1, 0
         self.totals = RunState().totals
 
-    def count_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.totals["seen"] += len(labels)
-        self.totals["loss_sum"] += loss.item() * len(labels)
-        self.totals["correct"] += (logits.argmax(1).cpu() == labels.cpu()).sum().item()
+    def count_batch(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int = -100) -> None:
+        """Add a batch to the epoch's sums: its images (classification) or labelled pixels (segmentation), the
+        loss weighted by them, and how many the model got right."""
+        labels = labels.cpu()
+        counted = labels != ignore_index
+        seen = int(counted.sum())
+        self.totals["seen"] += seen
+        self.totals["loss_sum"] += loss.item() * seen
+        self.totals["correct"] += ((logits.argmax(1).cpu() == labels) & counted).sum().item()
 
     def train_loss(self) -> float:
         return self.totals["loss_sum"] / max(self.totals["seen"], 1)
@@ -148,7 +166,7 @@ def save_run(name: str, run: RunState, trainer: Trainer, config: TrainConfig,
         raise TrainingError(f"non-finite weights after step {run.step} (epoch {run.epoch + 1}); the last good "
                             f"checkpoint in {config.output} is kept: lower the learning rate or use --clip-grad-norm")
     state = TrainingState(
-        epoch=run.epoch, step=run.step, position=run.position, best_top1=run.best_top1,
+        epoch=run.epoch, step=run.step, position=run.position, best_score=run.best_score,
         model=weights if weights is not None else model.state_dict(),
         ema=trainer.ema.module.state_dict() if trainer.ema else None, optimizer=trainer.optimizer.state_dict(),
         scheduler=None, grad_scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
@@ -165,9 +183,9 @@ def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunSt
             log.info("nothing to resume in %s: starting afresh", config.output)
         return RunState()
     state = load_checkpoint(config.output, "last")
-    head = state.model.get("head.predictions.weight")
-    if head is not None and head.shape[0] != num_classes:
-        raise TrainingError(f"the checkpoint in {config.output} has {head.shape[0]} classes but the data has "
+    saved_classes = read_architecture(config.output / "last.safetensors")[1].get("num_classes")
+    if saved_classes is not None and saved_classes != num_classes:
+        raise TrainingError(f"the checkpoint in {config.output} has {saved_classes} classes but the data has "
                             f"{num_classes}: use another --output, or the data it was trained on")
     trainer.model.load_state_dict(state.model)
     trainer.optimizer.load_state_dict(state.optimizer)
@@ -177,15 +195,15 @@ def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunSt
         trainer.scaler.load_state_dict(state.grad_scaler)
     restore_rng_state(state.rng)
     log.info("resumed %s at epoch %d, step %d", config.output, state.epoch, state.step)
-    return RunState(state.epoch, state.step, state.position, state.best_top1, state.extra.get("history", []),
+    return RunState(state.epoch, state.step, state.position, state.best_score, state.extra.get("history", []),
                     state.extra.get("steps_log", []), state.extra.get("epoch_totals", RunState().totals))
 
 
 # --- building a run ----------------------------------------------------------------------------------
 
-def build_trainer(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int, device: torch.device,
+def build_trainer(config: TrainConfig, recipe: Recipe, model: nn.Module, device: torch.device,
                   distributed: Distributed) -> Trainer:
-    model = build_model(config.weights, recipe, config.model_options, num_classes, in_chans).to(device)
+    model = model.to(device)
     if config.sync_bn and distributed.world_size > 1:
         if device.type == "cpu":
             raise InvalidArgumentError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -240,9 +258,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     seed_everything(config.seed + distributed.rank)
 
-    train_set, val_set, train_sampler, val_sampler = build_datasets(config, recipe, distributed)
+    task = task_for(config)
+    train_set, val_set, train_sampler, val_sampler = task.datasets(recipe, distributed)
     num_classes = len(train_set.classes)
-    trainer = build_trainer(config, recipe, num_classes, train_set.in_chans, device, distributed)
+    weights = task.class_weights(train_set, recipe)
+    trainer = build_trainer(config, recipe, task.build_model(recipe, num_classes, train_set.in_chans), device,
+                            distributed)
     model, ema = trainer.model, trainer.ema
     batch_size, accumulation = recipe.batch_size, config.grad_accumulation
     micro_per_epoch = len(train_sampler) // batch_size // accumulation * accumulation
@@ -257,20 +278,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if distributed.is_main:
         write_text_atomic(config.output / "config.json", json.dumps(
             {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
-             "in_chans": train_set.in_chans}, indent=2))
+             "in_chans": train_set.in_chans, **task.run_info()}, indent=2))
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
     started = time.monotonic()
-    val_loader = make_loader(val_set, val_sampler, batch_size, config.workers)
-    weights = class_weights(train_set, recipe)
+    val_loader = make_loader(val_set, val_sampler, batch_size, config.workers, collate_fn=task.collate())
     batch_options = {"mixer": batch_mixer(recipe, num_classes), "accumulation": accumulation,
-                     "class_weights": None if weights is None else weights.to(device)}
+                     "class_weights": None if weights is None else weights.to(device),
+                     "ignore_index": task.ignore_index}
     # A resumed run may have nothing left to do.
     stop_reason = "finished" if run.epoch >= recipe.epochs or run.step >= total_steps else None
 
     while stop_reason is None:
         train_sampler.set_epoch(run.epoch)
         train_sampler.set_start(run.position)
-        loader = make_loader(train_set, train_sampler, batch_size, config.workers, drop_last=True)
+        loader = make_loader(train_set, train_sampler, batch_size, config.workers, drop_last=True,
+                             collate_fn=task.collate())
         wrapped, forward = start_epoch(trainer, run, config, recipe, distributed)
         micro = run.position // batch_size  # micro-batches of this epoch already done
         bar = tqdm(total=steps_per_epoch, initial=micro // accumulation, unit="step",
@@ -307,7 +329,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 save_run("last", run, trainer, config)
         bar.close()
         if micro == micro_per_epoch:  # the epoch is complete: evaluate, record, checkpoint
-            end_epoch(run, trainer, config, recipe, val_loader, num_classes, device, distributed, logger, started)
+            end_epoch(run, trainer, task, config, recipe, val_loader, num_classes, device, distributed, logger,
+                      started)
             if stop_reason is None and (run.epoch >= recipe.epochs or run.step >= total_steps):
                 stop_reason = "finished"
         if distributed.is_main:
@@ -315,11 +338,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     logger.close()
     if distributed.is_main and run.history:
-        plot_history(run.history, config.output / "curves.png")
+        plot_history(run.history, config.output / "curves.png", accuracy=task.accuracy)
     if distributed.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, "best_top1": run.best_top1,
+    return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, f"best_{task.score}": run.best_score,
             "history": run.history, "steps_log": run.steps_log, "stopped": stop_reason}
 
 
@@ -330,12 +353,12 @@ def micro_step(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, r
     images, targets = (images, labels) if options["mixer"] is None else options["mixer"](images, labels)
     loss, logits = forward_backward(forward, images, targets, precision=recipe.precision, scaler=trainer.scaler,
                                     label_smoothing=recipe.label_smoothing, accumulation=options["accumulation"],
-                                    class_weights=options["class_weights"])
+                                    class_weights=options["class_weights"], ignore_index=options["ignore_index"])
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch {run.epoch + 1}); the "
                             f"last good checkpoint in {config.output} is kept: lower the learning rate or use "
                             "--clip-grad-norm")
-    run.count_batch(loss, logits, labels)
+    run.count_batch(loss, logits, labels, options["ignore_index"])
 
 
 def stop_check(config: TrainConfig, run: RunState, total_steps: int, started: float, mid_epoch: bool) -> str | None:
@@ -348,26 +371,26 @@ def stop_check(config: TrainConfig, run: RunState, total_steps: int, started: fl
     return None
 
 
-def end_epoch(run: RunState, trainer: Trainer, config: TrainConfig, recipe: Recipe, val_loader: Any,
+def end_epoch(run: RunState, trainer: Trainer, task: Any, config: TrainConfig, recipe: Recipe, val_loader: Any,
               num_classes: int, device: torch.device, distributed: Distributed, logger: MetricsLogger,
               started: float) -> None:
-    """Evaluate (the EMA weights where there are some), record the epoch, keep the best weights."""
+    """Evaluate (the EMA weights where there are some), record the epoch, keep the best weights (by the task's
+    score: top-1, or mIoU)."""
     evaluated = trainer.ema.module if trainer.ema is not None else trainer.model
-    metrics = evaluate(evaluated, val_loader, num_classes, device, recipe.precision, config.channels_last,
-                       world_size=distributed.world_size)
+    metrics = task.evaluate(evaluated, val_loader, num_classes, device, recipe.precision, config.channels_last,
+                            distributed.world_size)
     record = {"epoch": run.epoch + 1, "step": run.step, "train_loss": run.train_loss(),
-              "train_top1": run.totals["correct"] / max(run.totals["seen"], 1), "val_loss": metrics["loss"],
-              "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-              "val_balanced_accuracy": metrics["balanced_accuracy"],
+              f"train_{task.accuracy}": run.totals["correct"] / max(run.totals["seen"], 1), **task.record(metrics),
               "skipped_images": run.totals["skipped"] + metrics["skipped"],
               "minutes": (time.monotonic() - started) / 60}
     run.history.append(record)
     logger.log(record)
     if distributed.is_main:
-        log.info("epoch %d: val top-1 %.4f top-5 %.4f", run.epoch + 1, metrics["top1"], metrics["top5"])
+        log.info("epoch %d: %s", run.epoch + 1, task.describe(metrics))
     run.new_epoch()
-    if run.best_top1 is None or metrics["top1"] > run.best_top1:
-        run.best_top1 = metrics["top1"]
+    score = metrics[task.score]
+    if run.best_score is None or score > run.best_score:
+        run.best_score = score
         if distributed.is_main:
             save_run("best", run, trainer, config, evaluated.state_dict() if trainer.ema is not None else None)
 

@@ -203,8 +203,12 @@ class MetricsLogger:
             self.writer.close()
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Training curves: loss, and train/val top-1, per epoch."""
+ACCURACY_TITLES = {"top1": "Top-1 accuracy", "pixel_accuracy": "Pixel accuracy"}
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, accuracy: str = "top1") -> None:
+    """Training curves per epoch: loss, and train/val ``accuracy`` (top-1, or segmentation's pixel accuracy,
+    drawn with the validation mIoU)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,9 +219,11 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train")
     loss_axis.plot(epochs, [r["val_loss"] for r in history], label="val")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
-    accuracy_axis.plot(epochs, [r["train_top1"] for r in history], label="train")
-    accuracy_axis.plot(epochs, [r["val_top1"] for r in history], label="val")
-    accuracy_axis.set(xlabel="epoch", ylabel="top-1", title="Top-1 accuracy")
+    accuracy_axis.plot(epochs, [r[f"train_{accuracy}"] for r in history], label="train")
+    accuracy_axis.plot(epochs, [r[f"val_{accuracy}"] for r in history], label="val")
+    if "val_miou" in history[0]:
+        accuracy_axis.plot(epochs, [r["val_miou"] for r in history], label="val mIoU")
+    accuracy_axis.set(xlabel="epoch", ylabel=accuracy.replace("_", " "), title=ACCURACY_TITLES[accuracy])
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()

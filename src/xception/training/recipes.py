@@ -1,5 +1,6 @@
-"""Training recipes: the paper's two (tuned for Inception V3 and reused unchanged for Xception) and a compact
-one for small images. Each names its source; every field can be overridden on the command line.
+"""Training recipes: the paper's two (tuned for Inception V3 and reused unchanged for Xception), a compact one for
+small images, one for fine-tuning, and ``camvid`` for semantic segmentation. Each names its source; every field can
+be overridden on the command line.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 
+TASKS = ("classification", "segmentation")
+
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     source: str
+    task: str = "classification"  # or "segmentation": xception segment train
     model: str = "xception"
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "sgd"  # "sgd", "rmsprop" or "adamw"
@@ -23,14 +27,18 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-5
-    schedule: str = "step"  # "step": lr * decay_rate every decay_samples; "cosine": to 0 over the run
+    # "step": lr * decay_rate every decay_samples; "cosine": to 0 over the run; "poly": DeepLab's
+    # lr * (1 - step / total) ** poly_power, to 0 over the run
+    schedule: str = "step"
+    poly_power: float = 0.9
     decay_rate: float = 0.94
     decay_samples: int | None = None  # None: every decay_epochs epochs
     decay_epochs: float = 2.0
     warmup_epochs: float = 0.0  # linear warm-up from 0
     epochs: int = 100
     batch_size: int = 32
-    img_size: int = 299
+    img_size: int = 299  # segmentation: the side of the square training crop (evaluation is at full resolution)
+    output_stride: int = 16  # segmentation: the backbone's output stride (DeepLab trains at 16)
     augmentation: str = "inception"  # see xception.data.train_transform
     eval_resize_ratio: float = 1.0  # eval: resize to img_size * ratio, centre crop img_size
     drop_rate: float = 0.0
@@ -45,7 +53,7 @@ class Recipe:
     mixup: float = 0.0  # MixUp's Beta(alpha, alpha) on each batch (Zhang et al. 2018); 0: off
     cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) (Yun et al. 2019); with mixup too, one of the two per batch
     random_erasing: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2020)
-    class_weights: str | None = None  # "balanced": weight each class's loss by N / (classes x its count)
+    class_weights: str | None = None  # "balanced": N / (classes x count); segmentation: "median-frequency"
 
     def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
@@ -54,9 +62,11 @@ class Recipe:
         warmup_steps = self.warmup_epochs * steps_per_epoch
         if step < warmup_steps:
             return base * (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
         if self.schedule == "cosine":
-            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-            return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return base * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.schedule == "poly":
+            return base * (1 - progress) ** self.poly_power
         decay_samples = self.decay_samples or self.decay_epochs * steps_per_epoch * global_batch_size
         return base * self.decay_rate ** math.floor(step * global_batch_size / decay_samples)
 
@@ -104,6 +114,23 @@ RECIPES: dict[str, Recipe] = {
         warmup_epochs=0.5, epochs=12, batch_size=32, img_size=299, augmentation="inception",
         eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, freeze_epochs=3, layer_decay=0.7,
         freeze_bn=True,
+    ),
+    # Starting values for CamVid (480x360 street scenes, 11 classes) on a 2-core CPU, from scratch; to be tuned
+    # against the clock (issue #14's recorded run), so only the schedule and augmentation are the paper's.
+    "camvid": Recipe(
+        name="camvid",
+        source="DeepLabV3+ (Chen et al., ECCV 2018, section 4): SGD with momentum 0.9, the 'poly' learning-rate "
+               "decay (1 - step/total)^0.9, random scaling 0.5-2.0, random crop and horizontal flip, output stride "
+               "16, evaluation at full resolution; here on a narrow Xception (stem stride 2, three entry modules) "
+               "trained from scratch for CamVid's 480x360 images on a 2-core CPU, with colour jitter and bf16 "
+               "autocast (this project's starting values, not yet tuned)",
+        task="segmentation", model="deeplabv3plus_xception",
+        model_options={"stem_widths": (16, 32), "stem_padding": "same", "entry_widths": (64, 128, 256),
+                       "middle_repeats": 2, "exit_widths": (256, 384), "tail_widths": (384, 512),
+                       "bn_momentum": 0.1},
+        output_stride=16, optimizer="sgd", lr=0.05, reference_batch_size=8, momentum=0.9, weight_decay=1e-4,
+        schedule="poly", warmup_epochs=1.0, epochs=40, batch_size=8, img_size=320, augmentation="deeplab",
+        precision="bf16",
     ),
 }
 

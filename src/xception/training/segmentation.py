@@ -1,0 +1,113 @@
+"""Semantic segmentation as a task of the one training loop (see :mod:`.tasks`): the segmentation folder's
+datasets, a DeepLab model with its backbone's pretrained weights, cross-entropy that skips the ignore index with
+optional median-frequency class weights, and evaluation by mIoU, which picks the ``best`` checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..data import (
+    SegmentationCollate,
+    SegmentationDataset,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    median_frequency_weights,
+)
+from ..errors import InvalidArgumentError
+from ..models import create_model
+from .checkpoint import read_architecture
+from .data import samplers
+from .finetune import run_weights
+from .recipes import Recipe
+from .segmentation_metrics import evaluate_segmentation
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .loop import Distributed
+
+# A classification run's architecture entries that are not the backbone's: its head, its input, its training-time
+# regularisers and the stride the DeepLab model sets itself.
+NOT_BACKBONE = frozenset({"num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate", "output_stride",
+                          "multi_grid"})
+
+
+def build_segmentation_model(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int) -> nn.Module:
+    """The recipe's DeepLab model (with ``model_options`` for its backbone and head), its backbone started from
+    ``config.backbone_weights``: a registered name, a weight file, or a classification run folder, whose best
+    (else last) weights are loaded and whose backbone architecture replaces the options' backbone knobs."""
+    name, options = recipe.model, {**recipe.model_options, **config.model_options}
+    weights = config.backbone_weights
+    if weights is not None and Path(weights).is_dir():
+        weights_file = run_weights(Path(weights))
+        run_model, architecture = read_architecture(weights_file)
+        backbone = name.partition("_")[2]  # deeplabv3plus_<backbone>, deeplabv3_<backbone>
+        if run_model != backbone:
+            raise InvalidArgumentError(f"{weights} holds a {run_model} run but {name}'s backbone is {backbone}: use "
+                                       f"--model {name.partition('_')[0]}_{run_model}, or another run")
+        options = {**options, **{key: value for key, value in architecture.items() if key not in NOT_BACKBONE}}
+        weights = str(weights_file)
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, output_stride=recipe.output_stride,
+                        backbone_weights=weights, **options)
+
+
+class SegmentationTask:
+    """One class per pixel: pixels labelled ``ignore_index`` count nowhere, mIoU picks the best checkpoint."""
+
+    name = "segmentation"
+    score = "miou"
+    accuracy = "pixel_accuracy"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.ignore_index = config.ignore_index
+
+    def datasets(self, recipe: Recipe, distributed: Distributed) -> tuple[Any, Any, Any, Any]:
+        """Train (augmented, cropped) and val (full resolution) sets, checked before any training."""
+        config = self.config
+        if config.data == "fashion-mnist":
+            raise InvalidArgumentError("segmentation trains on a folder: --data DIR with classes.txt, "
+                                       "train/images/<stem>.jpg, train/labels/<stem>.png and val/ alike")
+        augmentation = SegmentationTrainTransform(recipe.img_size, self.ignore_index, recipe.augmentation)
+        train = SegmentationDataset.from_folder(config.data, "train", augmentation, ignore_index=self.ignore_index,
+                                                seed=config.seed)
+        val = SegmentationDataset.from_folder(config.data, "val", SegmentationEvalTransform(),
+                                              ignore_index=self.ignore_index)
+        if config.train_subset:
+            train = train.first(config.train_subset)
+        if config.val_subset:
+            val = val.first(config.val_subset)
+        return train, val, *samplers(len(train), len(val), config, recipe, distributed)
+
+    def collate(self) -> Callable:
+        return SegmentationCollate(self.ignore_index)
+
+    def build_model(self, recipe: Recipe, num_classes: int, in_chans: int) -> nn.Module:
+        return build_segmentation_model(self.config, recipe, num_classes, in_chans)
+
+    def class_weights(self, train_set: SegmentationDataset, recipe: Recipe) -> torch.Tensor | None:
+        if recipe.class_weights is None:
+            return None
+        if recipe.class_weights != "median-frequency":
+            raise InvalidArgumentError(f"class weights {recipe.class_weights!r} are for classification: "
+                                       "segmentation takes --class-weights median-frequency")
+        return median_frequency_weights(train_set)
+
+    def evaluate(self, model: nn.Module, loader: Any, num_classes: int, device: torch.device, precision: str,
+                 channels_last: bool, world_size: int) -> dict[str, Any]:
+        return evaluate_segmentation(model, loader, num_classes, device, precision, channels_last, world_size,
+                                     ignore_index=self.ignore_index)
+
+    def record(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"val_loss": metrics["loss"], "val_miou": metrics["miou"],
+                "val_pixel_accuracy": metrics["pixel_accuracy"], "val_per_class_iou": metrics["per_class_iou"]}
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return f"val mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}"
+
+    def run_info(self) -> dict[str, Any]:
+        return {"task": self.name, "ignore_index": self.ignore_index}
