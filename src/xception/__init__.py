@@ -33,6 +33,9 @@ _EXPORTS = {
     "list_weights": "weights",
     "load_weights": "weights",
     "save_weights": "weights",
+    "save_pretrained": "hub",
+    "from_pretrained": "hub",
+    "push_to_hub": "hub",
     "export_onnx": "deploy",
     "fold_batchnorm": "deploy",
     "optimize_for_inference": "deploy",
@@ -55,11 +58,14 @@ __all__ = [
     "create_model",
     "export_onnx",
     "fold_batchnorm",
+    "from_pretrained",
     "get_weights",
     "list_models",
     "list_weights",
     "load_weights",
     "optimize_for_inference",
+    "push_to_hub",
+    "save_pretrained",
     "save_weights",
     "tf_same_padding",
 ]
@@ -75,6 +81,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
     from .errors import WeightFileError, XceptionError
+    from .hub import from_pretrained, push_to_hub, save_pretrained
     from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding
     from .models.aligned import XceptionAligned
     from .models.backbone import BlockSpec, FeatureExtractor, XceptionBase

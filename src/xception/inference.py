@@ -30,7 +30,8 @@ from .files import atomic_path, save_figure
 from .models import create_model
 from .training.checkpoint import read_architecture
 from .training.metrics import evaluate
-from .weights import get_weights, imagenet_categories
+from .weights import get_weights, imagenet_categories, parse_hub_spec
+from .weights.pretrained import is_pretrained_folder, pretrained_folder, read_pretrained
 
 CALIBRATION_IMAGES = 512  # int8 calibration: enough to settle the activation ranges
 
@@ -75,6 +76,8 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     """A run folder (its ``best`` weights, else ``last``, with the classes and image size of its config) or a
     weights file saved by this library. Its preprocessing is its recipe's evaluation transform."""
     path = Path(checkpoint)
+    if is_pretrained_folder(path):
+        return load_pretrained(path)
     if path.is_dir():
         weights = next((path / f"{n}.safetensors" for n in ("best", "last") if (path / f"{n}.safetensors").exists()),
                        None)
@@ -97,6 +100,24 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
                    "mean": [0.5] * model.in_chans, "std": [0.5] * model.in_chans}
     return LoadedModel(model, classes, model.in_chans, img_size, eval_transform(img_size, model.in_chans, ratio),
                        description)
+
+
+def load_pretrained(source: str | Path) -> LoadedModel:
+    """A folder written by :func:`xception.save_pretrained` or a Hub repository (``hf-hub:org/name[@revision]``),
+    with the classes and the preprocessing it records."""
+    config, weights = read_pretrained(pretrained_folder(source))
+    model = create_model(config.model, weights=weights, **config.architecture).eval().to(
+        memory_format=torch.channels_last)
+    model.pretrained_config = config
+    transform = config.transforms()
+    if transform is None:
+        raise InvalidArgumentError(f"{source} records no classification preprocessing, so its images cannot be "
+                                   "prepared; save it again with save_pretrained(..., preprocessing={...})")
+    classes = list(config.classes) or [str(i) for i in range(model.num_classes)]
+    # ImageNet's class names are words, a data folder's are WordNet ids: as for registered weights, only the order
+    # can be compared.
+    return LoadedModel(model, classes, model.in_chans, config.preprocessing["crop_size"], transform,
+                       dict(config.preprocessing), registered="imagenet-1k" in config.datasets)
 
 
 def load_registered(model_name: str, weights_name: str) -> LoadedModel:
@@ -209,10 +230,14 @@ def predict(loaded: LoadedModel, inputs: Iterable[str | Path], top_k: int = 5,
 
 def load_model(checkpoint: str | Path | None = None, model: str = "xception",
                weights: str | None = None) -> LoadedModel:
-    """A training run or weight file (``checkpoint``), or registered ``weights`` of ``model``: exactly one."""
+    """A training run, a save_pretrained folder or a weight file (``checkpoint``), or registered ``weights`` of
+    ``model``, or a Hub repository (``hf-hub:org/name[@revision]``, either way): exactly one."""
     if (checkpoint is None) == (weights is None):
         raise InvalidArgumentError("give either --checkpoint RUN_DIR|WEIGHTS or --weights NAME "
-                                   "(e.g. --weights imagenet)")
+                                   "(e.g. --weights imagenet, or --weights hf-hub:org/name)")
+    given = checkpoint if checkpoint is not None else weights
+    if parse_hub_spec(given) is not None:
+        return load_pretrained(given)
     return load_trained(checkpoint) if checkpoint is not None else load_registered(model, weights)
 
 
