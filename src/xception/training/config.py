@@ -17,20 +17,23 @@ from ..precision import TRAINING_PRECISIONS
 from .recipes import RECIPES, TASKS, Recipe, get_recipe
 
 CLASSIFICATION, SEGMENTATION = ("classification",), ("segmentation",)
+CLASSIFICATION_AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment", "inception", "compact")
 DEFAULT_RECIPES = {"classification": "compact", "segmentation": "camvid"}
 
 
 def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
            above: float | None = None, below: float | None = None, recipe: bool = False, flag: str | None = None,
            choices: tuple[Any, ...] | None = None, cli: bool = True, tasks: tuple[str, ...] = TASKS,
-           task_flags: dict[str, str] | None = None, required_for: tuple[str, ...] = ()) -> Any:
+           task_flags: dict[str, str] | None = None, task_choices: dict[str, tuple[Any, ...]] | None = None,
+           required_for: tuple[str, ...] = ()) -> Any:
     """A TrainConfig field: its help text and bounds serve the command line and the Python API alike.
     ``recipe=True``: None takes the recipe's value. ``tasks``: the tasks it applies to (``xception train`` has
     the classification flags, ``xception segment train`` the segmentation ones); ``task_flags``: its flag where a
-    task spells it otherwise; ``required_for``: the tasks whose command requires it."""
+    task spells it otherwise; ``task_choices``: the choices a task's command offers, where they are fewer than
+    ``choices``; ``required_for``: the tasks whose command requires it."""
     metadata = {"help": help, "minimum": minimum, "maximum": maximum, "above": above, "below": below,
                 "recipe": recipe, "flag": flag, "choices": choices, "cli": cli, "tasks": tasks,
-                "task_flags": task_flags or {}, "required_for": required_for}
+                "task_flags": task_flags or {}, "task_choices": task_choices or {}, "required_for": required_for}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -77,8 +80,9 @@ class TrainConfig:
     augmentation: str | None = option(None, "training augmentation (default: the recipe's); segmentation: deeplab "
                                             "(scale 0.5-2, crop, flip, colour jitter), basic (crop, flip) or none "
                                             "(crop)", recipe=True,
-                                      flag="--augment", choices=("none", "basic", "randaugment", "trivialaugment",
-                                                                 "inception", "compact", "deeplab"))
+                                      flag="--augment", choices=(*CLASSIFICATION_AUGMENTATIONS, "deeplab"),
+                                      task_choices={"classification": CLASSIFICATION_AUGMENTATIONS,
+                                                    "segmentation": ("deeplab", "basic", "none")})
     mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
                                  tasks=CLASSIFICATION)
     cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
@@ -88,7 +92,9 @@ class TrainConfig:
     class_weights: str | None = option(None, "weight the loss of each class by its rarity (default: the recipe's): "
                                              "'balanced' (classification: N / (classes x its count)) or "
                                              "'median-frequency' (segmentation: median frequency balancing)",
-                                       recipe=True, choices=("balanced", "median-frequency"))
+                                       recipe=True, choices=("balanced", "median-frequency"),
+                                       task_choices={"classification": ("balanced",),
+                                                     "segmentation": ("median-frequency",)})
     freeze: str | None = option(None, "keep the parameters whose names match this regular expression frozen "
                                       "throughout, e.g. '^blocks\\.block[1-4]\\.'")
     output: Path = option(Path("runs/xception"), "run folder: checkpoints, metrics, curves",
@@ -216,13 +222,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str
         elif item.type == "bool":
             parser.add_argument(name, action="store_true", **flag)
         else:
-            choices = metadata["choices"]
+            choices = metadata["task_choices"].get(task, metadata["choices"])
             if item.name == "model":
                 choices = model_choices
             elif item.name == "recipe":
                 choices = sorted(name for name, recipe in RECIPES.items() if recipe.task == task)
             parser.add_argument(name, type=checked_type(item), default=default, choices=choices, required=required,
-                                metavar=None if choices else item.name.upper(), **flag)
+                                metavar=None if choices else name.lstrip("-").replace("-", "_").upper(), **flag)
 
 
 def checked_type(item: Any) -> Callable[[str], Any]:

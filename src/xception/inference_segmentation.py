@@ -1,0 +1,176 @@
+"""Using a trained segmentation model: load a run, evaluate it on a split (mIoU, per-class IoU, pixel accuracy,
+a confusion-matrix PNG), and predict label maps of images as colour-coded PNGs with overlays. ``xception segment
+eval`` and ``predict`` call these and only print.
+
+Test-time augmentation (``tta=True``) averages the softmax over the scales :data:`TTA_SCALES` and their mirror
+images at the full size, the multi-scale and flip inference of DeepLab (Chen et al. 2018, section 4).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+
+from .data import IGNORE_INDEX, ResumableSampler, SegmentationCollate, SegmentationDataset, SegmentationEvalTransform
+from .data.transforms import ImageError, open_image
+from .errors import InvalidArgumentError
+from .files import atomic_path
+from .inference import image_files, plot_confusion
+from .models import create_model
+from .models.registry import model_task
+from .training.checkpoint import read_architecture
+from .training.finetune import run_weights
+from .training.segmentation_metrics import evaluate_segmentation, segment
+
+TTA_SCALES = (0.75, 1.0, 1.25)
+OVERLAY_OPACITY = 0.5
+
+# The colours of CamVid's own label_colors.txt (Brostow et al. 2009; mmsegmentation's CamVidDataset lists the
+# same), by the class names of ../shared/datasets/camvid/classes.txt.
+CAMVID_COLOURS = {
+    "sky": (128, 128, 128), "building": (128, 0, 0), "pole": (192, 192, 128), "road": (128, 64, 128),
+    "pavement": (0, 0, 192), "tree": (128, 128, 0), "sign_symbol": (192, 128, 128), "fence": (64, 64, 128),
+    "car": (64, 0, 128), "pedestrian": (64, 64, 0), "bicyclist": (0, 128, 192),
+}
+
+
+def voc_palette(count: int) -> np.ndarray:
+    """PASCAL VOC's colour map (the VOC devkit's labelcolormap): class i's bits spread over the high bits of red,
+    green and blue in turn, so that neighbouring indices get distinct colours. (count, 3) uint8."""
+    palette = np.zeros((count, 3), dtype=np.uint8)
+    for index in range(count):
+        value, red, green, blue = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            red |= (value & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (red, green, blue)
+    return palette
+
+
+def palette_for(classes: list[str]) -> np.ndarray:
+    """CamVid's colours where every class name is one of CamVid's, else PASCAL VOC's colour map."""
+    if all(name.lower() in CAMVID_COLOURS for name in classes):
+        return np.array([CAMVID_COLOURS[name.lower()] for name in classes], dtype=np.uint8)
+    return voc_palette(len(classes))
+
+
+@dataclass
+class LoadedSegmenter:
+    """A segmentation model ready for inference, with its class names and the label value its data ignores."""
+
+    model: nn.Module
+    classes: list[str]
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def palette(self) -> np.ndarray:
+        return palette_for(self.classes)
+
+
+def load_segmenter(checkpoint: str | Path) -> LoadedSegmenter:
+    """A segmentation run folder (its best weights, else its last, with the classes and ignore index of its
+    config.json) or a segmentation weight file saved by this library."""
+    path = Path(checkpoint)
+    config: dict[str, Any] = {}
+    if path.is_dir():
+        weights = run_weights(path)
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+    elif path.is_file():
+        weights = path
+    else:
+        raise FileNotFoundError(f"no run folder or weight file at {path}")
+    model_name, architecture = read_architecture(weights)
+    if model_task(model_name) != "segmentation":
+        raise InvalidArgumentError(f"{path} holds a {model_name}, a classification model: use xception eval or "
+                                   "xception predict for it")
+    model = create_model(model_name, weights=weights, **architecture).eval().to(memory_format=torch.channels_last)
+    classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
+    return LoadedSegmenter(model, classes, config.get("ignore_index", IGNORE_INDEX))
+
+
+def evaluate_segmenter(loaded: LoadedSegmenter, data: str | Path, split: str = "val", *, batch_size: int = 4,
+                       workers: int = 0, tta: bool = False, precision: str = "fp32",
+                       confusion_png: Path | None = None) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU (by class name; None for a class absent from both the labels and
+    the predictions) of ``loaded`` on ``split`` of a segmentation folder, at full resolution; the confusion matrix
+    (rows normalised: the share of each true class's pixels predicted as each class) drawn to ``confusion_png``."""
+    dataset = SegmentationDataset.from_folder(data, split, SegmentationEvalTransform(),
+                                              ignore_index=loaded.ignore_index)
+    generic = [str(i) for i in range(len(loaded.classes))]
+    if dataset.classes != loaded.classes and not (loaded.classes == generic
+                                                  and len(dataset.classes) == len(loaded.classes)):
+        raise InvalidArgumentError(f"the data's classes {dataset.classes} differ from the model's {loaded.classes}")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        sampler=ResumableSampler(len(dataset), shuffle=False),
+                        collate_fn=SegmentationCollate(loaded.ignore_index))
+    metrics = evaluate_segmentation(loaded.model, loader, len(dataset.classes), torch.device("cpu"), precision,
+                                    channels_last=True, ignore_index=loaded.ignore_index,
+                                    scales=TTA_SCALES if tta else (1.0,), flip=tta)
+    metrics["per_class_iou"] = dict(zip(dataset.classes, metrics["per_class_iou"], strict=True))
+    if confusion_png is not None:
+        confusion = torch.tensor(metrics["confusion"], dtype=torch.float64)
+        shares = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+        metrics["confusion_png"] = str(plot_confusion(shares.tolist(), dataset.classes, confusion_png))
+    return metrics
+
+
+def save_png(array: np.ndarray, path: Path) -> Path:
+    """An (H, W) or (H, W, 3) uint8 array as a PNG, written atomically."""
+    with atomic_path(path, suffix=".png") as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+    return path
+
+
+@torch.no_grad()
+def predict_masks(loaded: LoadedSegmenter, inputs: Iterable[str | Path], output: str | Path, *, tta: bool = False,
+                  precision: str = "fp32") -> list[dict[str, Any]]:
+    """For each image (files, and the images inside folders): ``<stem>.mask.png``, the predicted class of each
+    pixel in the palette's colours, and ``<stem>.overlay.png``, those colours blended over the image, in
+    ``output``. One result per file: ``{"file", "mask", "overlay", "classes": {name: share of pixels}}``, or
+    ``{"file", "error"}`` for a file that cannot be read; the others are still predicted."""
+    output = Path(output)
+    palette = loaded.palette
+    results: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for path in image_files(inputs):
+        try:
+            image = TF.pil_to_tensor(open_image(path, "RGB"))
+        except (ImageError, OSError) as error:
+            results.append({"file": str(path), "error": str(error)})
+            continue
+        batch = (image.float().div(127.5).sub(1.0))[None].contiguous(memory_format=torch.channels_last)
+        prediction = segment(loaded.model, batch, precision=precision, scales=TTA_SCALES if tta else (1.0,),
+                             flip=tta).argmax(1)[0].numpy()
+        colours = palette[prediction]
+        overlay = ((1 - OVERLAY_OPACITY) * image.permute(1, 2, 0).numpy() + OVERLAY_OPACITY * colours).round()
+        stem = unique_stem(path, used)
+        mask_path = save_png(colours, output / f"{stem}.mask.png")
+        overlay_path = save_png(overlay.astype(np.uint8), output / f"{stem}.overlay.png")
+        counts = np.bincount(prediction.ravel(), minlength=len(loaded.classes)) / prediction.size
+        results.append({"file": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
+                        "classes": {name: round(float(share), 4) for name, share in zip(loaded.classes, counts,
+                                                                                         strict=True) if share > 0}})
+    return results
+
+
+def unique_stem(path: Path, used: set[str]) -> str:
+    """The file's stem, numbered where two inputs share one (photos/a.jpg and more/a.png)."""
+    stem, number = path.stem, 1
+    while stem in used:
+        number += 1
+        stem = f"{path.stem}-{number}"
+    used.add(stem)
+    return stem

@@ -1,0 +1,194 @@
+"""Segmentation training through the one loop: metrics against hand counts, the ignore index ignored by loss and
+metrics, a run that learns, resumes bit for bit after SIGKILL, and starts its backbone from a classification run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from segmentation_samples import write_segmentation_folder
+from torch import nn
+
+from xception.errors import InvalidArgumentError
+from xception.models import create_model
+from xception.training import TrainConfig, train
+from xception.training.segmentation import build_segmentation_model
+from xception.training.segmentation_metrics import (
+    confusion_matrix,
+    mean_iou,
+    per_class_iou,
+    pixel_accuracy,
+    segment,
+)
+from xception.training.step import forward_backward
+
+# A narrow DeepLabV3+ so that every run takes seconds; 'same' stem padding keeps a stride-4 map for the decoder.
+TINY = {"stem_widths": (8, 16), "stem_padding": "same", "entry_widths": (16, 32), "middle_repeats": 0,
+        "exit_widths": (32, 48), "tail_widths": (48, 64), "aspp_channels": 16, "decoder_channels": 16,
+        "low_level_channels": 8}
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only spins on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_segmentation_folder(tmp_path_factory.mktemp("segmentation") / "data", train=48, val=8,
+                                     size=(48, 64))
+
+
+def test_metrics_against_a_hand_computed_confusion_matrix() -> None:
+    labels = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 0]])
+    predicted = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    # Counted pixels (255 left out): true 0 -> 0 0 0 | 0 -> 1 | 1 -> 1 1 | 2 -> 2 | 2 -> 0.
+    expected = torch.tensor([[2, 1, 0], [0, 2, 0], [1, 0, 1]])
+    confusion = confusion_matrix(predicted, labels, 4, ignore_index=255)
+    assert torch.equal(confusion[:3, :3], expected) and confusion[3].sum() == confusion[:, 3].sum() == 0
+    # IoU = TP / (TP + FP + FN): class 0 2 / (2 + 1 + 1), class 1 2 / (2 + 1), class 2 1 / (1 + 1); class 3 absent
+    # from both labels and predictions: undefined, left out of the mean.
+    assert per_class_iou(confusion) == pytest.approx([0.5, 2 / 3, 0.5, None])
+    assert mean_iou(confusion) == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert pixel_accuracy(confusion) == pytest.approx(5 / 7)
+    assert mean_iou(torch.zeros(3, 3, dtype=torch.int64)) == 0.0
+
+
+def test_the_ignore_index_is_ignored_by_the_loss_and_the_metrics() -> None:
+    """Changing the predictions at ignored pixels changes neither the loss (nor its gradient elsewhere) nor any
+    metric; changing them at a labelled pixel does."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 5, 6))
+    labels[:, :2] = 255
+    logits = torch.randn(2, 3, 5, 6)
+    changed = logits.clone()
+    changed[:, :, :2] = torch.randn(2, 3, 2, 6) * 10  # only the ignored rows
+
+    def loss_and_metrics(scores: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+        model = nn.Identity()
+        parameter = scores.clone().requires_grad_(True)
+        loss, _ = forward_backward(lambda _: model(parameter), torch.zeros(1), labels, precision="fp32",
+                                   scaler=torch.amp.GradScaler("cpu", enabled=False), ignore_index=255)
+        return loss.item(), parameter.grad, mean_iou(confusion_matrix(scores.argmax(1), labels, 3, 255))
+
+    loss, grad, miou = loss_and_metrics(logits)
+    loss_changed, grad_changed, miou_changed = loss_and_metrics(changed)
+    assert loss == loss_changed and miou == miou_changed
+    assert torch.equal(grad[:, :, 2:], grad_changed[:, :, 2:]) and (grad_changed[:, :, :2] == 0).all()
+    assert loss == pytest.approx(F.cross_entropy(logits[:, :, 2:], labels[:, 2:]).item())
+    flipped = logits.clone()
+    flipped[0, :, 3, 3] = -flipped[0, :, 3, 3] * 10
+    assert loss_and_metrics(flipped)[0] != loss
+    # A batch with nothing but ignored pixels has nothing to learn: a zero loss, not 0/0.
+    all_ignored, _ = forward_backward(nn.Identity(), logits.requires_grad_(True), torch.full_like(labels, 255),
+                                      precision="fp32", scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                      ignore_index=255)
+    assert all_ignored.item() == 0.0
+
+
+def test_flip_inference_of_a_mirror_symmetric_model_is_its_softmax() -> None:
+    """A 1x1 convolution sees each pixel alone, so the mirror image's prediction mirrored back is the same: the
+    average of the two softmaxes is the softmax, and segment() returns its log."""
+    model = nn.Conv2d(3, 4, 1)
+    images = torch.randn(2, 3, 7, 9)
+    with torch.no_grad():
+        expected = model(images).log_softmax(1)
+        torch.testing.assert_close(segment(model, images, flip=True), expected)
+        multi = segment(model, images, scales=(0.5, 1.0, 1.5), flip=True)
+    assert multi.shape == (2, 4, 7, 9) and torch.allclose(multi.exp().sum(1), torch.ones(2, 7, 9))
+
+
+def config(data: Path, output: Path, **options) -> TrainConfig:
+    values = {"task": "segmentation", "data": str(data), "output": output, "model_options": TINY, "batch_size": 8,
+              "img_size": 48, "precision": "fp32", "augmentation": "basic", "progress": False, **options}
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained_run(data: Path, tmp_path_factory, one_thread) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("segmentation-run")
+    return output, train(config(data, output, epochs=6, lr=0.4, class_weights="median-frequency"))
+
+
+def test_segmentation_training_writes_everything_and_learns(trained_run) -> None:
+    output, result = trained_run
+    for name in ("best.safetensors", "best.state.safetensors", "last.safetensors", "metrics.jsonl", "curves.png",
+                 "config.json"):
+        assert (output / name).is_file(), name
+    history = result["history"]
+    assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5, 6] and result["steps"] == 6 * (48 // 8)
+    assert {"train_pixel_accuracy", "val_miou", "val_pixel_accuracy", "val_per_class_iou"} <= set(history[-1])
+    # Predicting the background everywhere scores about 0.28 mIoU (0.84 IoU for one class of three); six short
+    # epochs find the boxes too.
+    assert result["best_miou"] == max(record["val_miou"] for record in history) > 0.4
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    saved = json.loads((output / "config.json").read_text())
+    assert (saved["task"], saved["ignore_index"], saved["classes"]) == ("segmentation", 255,
+                                                                         ["background", "box", "square"])
+
+
+def test_resume_after_sigkill_is_bit_identical(data: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "xception", "segment", "train", "--data", str(data), *TINY_ARGS, "--epochs", "2",
+               "--batch-size", "8", "--crop-size", "48", "--train-subset", "32", "--val-subset", "4",
+               "--deterministic", "--checkpoint-every", "2", "--precision", "fp32"]
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run([*command, "--output", str(reference)], check=True, capture_output=True, env=ONE_THREAD)
+
+    process = subprocess.Popen([*command, "--output", str(interrupted)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    state = interrupted / "last.state.safetensors"
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.2)  # past the first checkpoint (step 2 of 4 in the first epoch), before the run ends
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    subprocess.run([*command, "--output", str(interrupted), "--resume"], check=True, capture_output=True,
+                   env=ONE_THREAD)
+    expected, actual = load_file(str(reference / "last.safetensors")), load_file(str(interrupted / "last.safetensors"))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"mixup \(--mixup\) does not apply to segmentation"):
+        config(data, tmp_path, mixup=0.2)
+    with pytest.raises(InvalidArgumentError, match=r"ignore_index \(--ignore-index\) does not apply to class"):
+        TrainConfig(ignore_index=0)
+    with pytest.raises(InvalidArgumentError, match="recipe 'compact' trains classification models"):
+        config(data, tmp_path, recipe="compact").resolved_recipe()
+    with pytest.raises(InvalidArgumentError, match="'balanced' are for classification"):
+        train(config(data, tmp_path, class_weights="balanced", epochs=1))
+    with pytest.raises(InvalidArgumentError, match="segmentation trains on a folder"):
+        train(TrainConfig(task="segmentation", output=tmp_path, progress=False))
+    assert TrainConfig(task="segmentation").recipe == "camvid" and TrainConfig().recipe == "compact"
+
+
+def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:
+    """A classification run folder: its best weights go into the backbone, its architecture too; its classifier
+    does not. (A weights file saved by save_weights is what a run's best.safetensors is.)"""
+    import xception
+
+    backbone_options = {key: TINY[key] for key in ("stem_widths", "stem_padding", "entry_widths", "middle_repeats",
+                                                   "exit_widths", "tail_widths")}
+    classifier = create_model("xception", num_classes=5, **backbone_options)
+    run = tmp_path / "classification-run"
+    xception.save_weights(classifier, run / "best.safetensors")
+    head_only = {key: value for key, value in TINY.items() if key not in backbone_options}
+    segmentation = config(tmp_path, tmp_path / "out", model_options=head_only, backbone_weights=str(run))
+    model = build_segmentation_model(segmentation, segmentation.resolved_recipe(), num_classes=3, in_chans=3)
+    backbone = model.backbone.state_dict()
+    shared = [key for key in classifier.state_dict() if not key.startswith("head.")]
+    assert shared and all(torch.equal(backbone[key], classifier.state_dict()[key]) for key in shared)
+    wrong = config(tmp_path, tmp_path / "out", model="deeplabv3plus_xception65", backbone_weights=str(run),
+                   model_options={})
+    with pytest.raises(InvalidArgumentError, match="holds a xception run but deeplabv3plus_xception65's backbone"):
+        build_segmentation_model(wrong, wrong.resolved_recipe(), num_classes=3, in_chans=3)
