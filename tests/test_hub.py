@@ -22,7 +22,9 @@ import xception
 from xception.cli import main
 from xception.data import FASHION_MNIST_CLASSES, eval_transform, load_fashion_mnist
 from xception.errors import InvalidArgumentError, WeightFileError
+from xception.hub import run_metrics
 from xception.training import TrainConfig, train
+from xception.training.checkpoint import read_architecture
 
 TINY = {"stem_widths": (8, 16), "entry_widths": (16, 32), "middle_repeats": 0, "exit_widths": (32, 48),
         "tail_widths": (48, 64)}
@@ -153,7 +155,7 @@ def test_training_run_saves_with_its_classes_preprocessing_and_best_result(run_d
     assert result["metrics"][0] == {"type": "accuracy", "value": top1["value"], "name": "top-1 accuracy (%)"}
     assert "xception.from_pretrained(" in (folder / "README.md").read_text()
 
-    name, architecture = xception.training.checkpoint.read_architecture(run_dir / "best.safetensors")
+    name, architecture = read_architecture(run_dir / "best.safetensors")
     trained = xception.create_model(name, weights=run_dir / "best.safetensors", **architecture)
     loaded = xception.from_pretrained(folder)
     assert_same_state(loaded, trained)
@@ -168,6 +170,21 @@ def test_saved_model_saves_again_with_its_metadata(run_dir: Path, tmp_path: Path
     assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
     weights = [safetensors.torch.load_file(folder / "model.safetensors") for folder in (first, again)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_segmentation_run_reports_its_best_miou(tmp_path: Path) -> None:
+    """The epoch records of a segmentation run, with the keys its task logs (val_miou, val_pixel_accuracy:
+    xception/training/segmentation.py); the best epoch is the one of the best mIoU, not the last."""
+    records = [{"epoch": 1, "step": 10, "val_loss": 1.2, "val_miou": 0.31, "val_pixel_accuracy": 0.72},
+               {"step": 15, "train_loss": 0.9, "lr": 0.01},
+               {"epoch": 2, "step": 20, "val_loss": 1.0, "val_miou": 0.456789, "val_pixel_accuracy": 0.8},
+               {"epoch": 3, "step": 30, "val_loss": 1.1, "val_miou": 0.40, "val_pixel_accuracy": 0.83}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + '{"epoch": 4, "val_')  # killed run
+    metrics = run_metrics(path, "my-scenes", None, "val", None)
+    assert [(m["name"], m["type"], m["value"]) for m in metrics] == [("mIoU (%)", "mean_iou", 45.68),
+                                                                     ("pixel accuracy (%)", "accuracy", 80.0)]
+    assert "best epoch (2)" in metrics[0]["source"]
 
 
 def test_registered_weights_bring_classes_preprocessing_license_and_published_results(tmp_path: Path) -> None:

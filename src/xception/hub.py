@@ -197,8 +197,11 @@ def describe_run(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
         fields["base_model"] = f"{registered.model}.{registered.name}"
     elif train.get("weights"):
         fields["base_model"] = str(train["weights"])
-    # The transform the run's validation used (training.data): registered weights' own for RGB fine-tuning.
-    if registered is not None and in_chans == 3:
+    # The transform the run's validation used (training.data): registered weights' own for RGB fine-tuning. A
+    # segmentation run's (images and masks together) has no classification transform to record.
+    if fields["task"] != "image-classification":
+        fields["preprocessing"] = None
+    elif registered is not None and in_chans == 3:
         fields["preprocessing"] = registered_fields(registered)["preprocessing"]
     elif recipe.get("img_size"):
         size, ratio = recipe["img_size"], recipe.get("eval_resize_ratio", 1.0)
