@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from fashion_mnist import machine
+from gpu import section_from_results
 from profile_inference import report as int8_profile
 from profile_training import report as training_profile
 
@@ -261,6 +262,7 @@ def main() -> int:
                   "eager fp32 model's.", "", "| model | top-1 | agreement with fp32 |", "|---|---:|---:|"]
         lines += [f"| {row['model']} | {100 * row['top1']:.2f}% | {100 * row['agreement']:.2f}% |" for row in accuracy]
         lines.append("")
+    lines += section_from_results()  # benchmarks/gpu.py's section: its recorded run, or how to run it
     (ROOT.parent / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
     return 0
