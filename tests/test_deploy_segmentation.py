@@ -19,7 +19,8 @@ from torch import nn
 
 import xception
 from xception.cli import main
-from xception.deploy import fold_batchnorm, optimize_for_inference
+from xception.deploy import DeployedModel, fold_batchnorm, optimize_for_inference
+from xception.errors import InvalidArgumentError
 from xception.layers import MaxPool2dSame
 from xception.training.checkpoint import TrainingState, capture_rng_state, save_checkpoint
 
@@ -48,6 +49,29 @@ def test_folding_and_fp32_deploy_match_eager(one_thread) -> None:
         assert relative_error(folded(x), expected) <= 1e-5
         output = deployed(x)
         assert output.shape == (shape[0], 4, *shape[2:]) and relative_error(output, expected) <= 1e-5
+
+
+@pytest.mark.slow
+def test_int8_deploy_of_a_segmentation_model(one_thread) -> None:
+    """int8 is exported for the example's height and width (about 30 s of compilation here). The model keeps its
+    initial BatchNorm statistics: with tiny_model's deliberately mismatched ones, per-tensor int8 activations of a
+    random network are off by 0.3 of the largest logit, which says nothing about trained models."""
+    torch.manual_seed(0)
+    model = xception.create_model("deeplabv3plus_xception", num_classes=4, **TINY).eval()
+    images = torch.rand(8, 3, SIZE, SIZE) * 2 - 1
+    deployed = optimize_for_inference(model, "int8", images, example_input=images[:2])
+    with torch.no_grad():
+        assert relative_error(deployed(images[:3]), model(images[:3])) <= 0.15
+    with pytest.raises(InvalidArgumentError, match="exported for 66x66 images, got 65x97"):
+        deployed(torch.rand(1, 3, 65, 97))
+
+
+def test_a_fixed_size_deployed_model_refuses_other_sizes_clearly() -> None:
+    deployed = DeployedModel(nn.Identity(), precision="fp32", channels_last=False, num_classes=None, in_chans=3,
+                             report={}, input_size=(SIZE, SIZE))
+    assert deployed(torch.ones(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)
+    with pytest.raises(InvalidArgumentError, match="exported for 66x66 images, got 65x97: deploy it again"):
+        deployed(torch.ones(1, 3, 65, 97))
 
 
 def test_torch_export_with_dynamic_batch_and_size_matches_eager(one_thread) -> None:

@@ -126,9 +126,11 @@ class DeployedModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module | Any, *, precision: str, channels_last: bool, num_classes: int | None,
-                 in_chans: int, report: dict[str, Any], compiled: bool = False) -> None:
+                 in_chans: int, report: dict[str, Any], compiled: bool = False,
+                 input_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.module = module
+        self.input_size = input_size  # the one height and width an exported (int8) program takes; None: any
         self.precision = precision
         self.channels_last = channels_last
         self.num_classes = num_classes
@@ -145,6 +147,10 @@ class DeployedModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> Any:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            raise InvalidArgumentError(f"this {self.precision} model was exported for {self.input_size[0]}x"
+                                       f"{self.input_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}: deploy it "
+                                       "again with an example_input of the size it will run at")
         x = x.to(PRECISIONS[self.precision].dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -202,7 +208,8 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
             (tensors, or ``(images, labels, ...)`` tuples as a DataLoader yields). The first 32 batches are used.
         example_input: a batch like those you will run, used to time the memory layouts and compiled for at
             once (a batch of one, or one graph for every batch of two or more; the other is compiled at its first
-            call); by default the first calibration batch, else one random 299x299 image.
+            call); by default the first calibration batch, else one random 299x299 image. int8 serves its height
+            and width only (fp32 and bf16 any size, as a segmentation model needs).
         channels_last: force a memory layout; None times both and keeps the faster.
         compile: ``torch.compile`` with frozen weights (always on for int8).
     """
@@ -244,7 +251,8 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         report["calibration_images"] = sum(len(batch) for batch in calibration)
     deployed = DeployedModel(torch.compile(module) if compile else module, precision=precision,
                              channels_last=channels_last, num_classes=getattr(model, "num_classes", None),
-                             in_chans=in_chans, report=report, compiled=compile)
+                             in_chans=in_chans, report=report, compiled=compile,
+                             input_size=tuple(example.shape[-2:]) if precision == "int8" else None)
     if compile:
         deployed(example_input)  # compile now, so that the cost is paid and reported here, not at the first use
     log.info("deployed %s: %s", getattr(model, "model_name", type(model).__name__), report)
