@@ -143,6 +143,21 @@ def assert_same_tree(actual, expected, where: str = "") -> None:
             assert math.copysign(1, actual) == math.copysign(1, expected), where
 
 
+def test_checkpoints_from_before_segmentation_name_the_best_score_best_top1(tmp_path):
+    """The state's JSON called the best validation score "best_top1" until segmentation (scored by mIoU) came; such
+    checkpoints still load, their value as best_score."""
+    run = make_run("sgd")
+    save(run, tmp_path, step=2, best_score=0.75)
+    state_path = tmp_path / "last.state.safetensors"
+    with safe_open(str(state_path), "pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    skeleton = json.loads(metadata["state"])
+    skeleton["best_top1"] = skeleton.pop("best_score")
+    save_file(tensors, str(state_path), metadata={**metadata, "state": json.dumps(skeleton)})
+    assert load_checkpoint(tmp_path, "last").best_score == 0.75
+
+
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_resume_is_bit_identical(tmp_path, kind):
     seed_everything(1)

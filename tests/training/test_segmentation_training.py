@@ -158,6 +158,28 @@ def test_resume_after_sigkill_is_bit_identical(data: Path, tmp_path: Path) -> No
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
+def test_two_processes_match_one_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes of batch 4 against 1 process of 2 x 4 by gradient accumulation: the same
+    weights, and the same validation mIoU from the confusion matrices all-reduced over the ranks' halves of the
+    validation set. (No dropout: each rank draws its own masks.)"""
+    command = ["segment", "train", "--data", str(data), *TINY_ARGS, "--set", "drop_rate=0", "--epochs", "1",
+               "--batch-size", "4", "--crop-size", "48", "--train-subset", "16", "--val-subset", "4",
+               "--deterministic", "--precision", "fp32", "--augment", "basic"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    subprocess.run([sys.executable, "-m", "xception", *command, "--grad-accumulation", "2", "--output", str(single)],
+                   check=True, capture_output=True, env=ONE_THREAD)
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                    "-m", "xception", *command, "--output", str(ddp)], check=True, capture_output=True, env=ONE_THREAD)
+    expected, actual = load_file(str(single / "last.safetensors")), load_file(str(ddp / "last.safetensors"))
+    trained = [name for name in expected if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for name in trained:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    records = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (single, ddp)]
+    assert records[0]["val_miou"] == records[1]["val_miou"]
+    assert records[0]["val_per_class_iou"] == records[1]["val_per_class_iou"]
+
+
 def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(data: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match=r"mixup \(--mixup\) does not apply to segmentation"):
         config(data, tmp_path, mixup=0.2)
