@@ -28,6 +28,11 @@ STRIDED = {"stem_widths": (8, 16), "entry_widths": (16, 24, 32), "middle_repeats
 SMALL_HEAD = {"aspp_channels": 32, "decoder_channels": 32, "low_level_channels": 8}
 
 
+@pytest.fixture(autouse=True)
+def single_thread(one_thread) -> None:
+    """These small models run ten times faster on one thread than on two threads of a busy machine."""
+
+
 def small(name: str, **options) -> DeepLab:
     head = SMALL_HEAD if name.startswith("deeplabv3plus") else {"aspp_channels": 32}
     torch.manual_seed(0)
@@ -235,3 +240,23 @@ def test_clear_errors() -> None:
                                                 if k not in ("stem_stride", "entry_widths", "middle_repeats")})
     with pytest.raises(TypeError, match="unknown Xception option"):
         xception.create_model("deeplabv3plus_xception", middle_flow=3, device="meta")
+
+
+def test_a_training_step_reaches_every_parameter() -> None:
+    model = small("deeplabv3plus_xception").train()
+    x, labels = torch.randn(2, 3, 65, 70), torch.randint(5, (2, 65, 70))
+    labels[:, :10] = 255  # ignored pixels, as the segmentation data marks them
+    torch.nn.functional.cross_entropy(model(x), labels, ignore_index=255).backward()
+    unreached = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not unreached
+    with pytest.raises(InvalidArgumentError, match="batches of two or more images"):
+        model(x[:1])
+
+
+def test_reset_classifier() -> None:
+    model = small("deeplabv3plus_xception")
+    model.reset_classifier(2)
+    assert model.num_classes == 2 and model.get_classifier().out_channels == 2
+    assert model.architecture()["num_classes"] == 2
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, 2, 65, 65)
