@@ -1,7 +1,8 @@
 """The prepared GPU run: ours against timm's legacy_xception on one CUDA device, stopping cleanly within a budget.
 
-    python benchmarks/gpu.py [--budget-s 450] [--output benchmarks/results] [--benchmarks-md BENCHMARKS.md]
+    python benchmarks/gpu.py [--budget-s 420] [--output benchmarks/results] [--benchmarks-md BENCHMARKS.md]
     python benchmarks/gpu.py --dry-run    # the same code paths on the CPU, tiny sizes, into a temporary folder
+    python benchmarks/gpu.py --from-results gpu.json   # the BENCHMARKS.md section of a run made elsewhere
 
 Measures, in this order (the most informative first, so that a short budget loses the least):
 
@@ -43,19 +44,16 @@ from typing import Any
 
 import torch
 from fashion_mnist import machine
+from gpu_report import BUDGET_S, SECTIONS, replace_section, section_lines
 
 import xception
-from xception.benchmark import BenchmarkConfig, Candidate, Result, machine_limits, results_to_markdown, run_interleaved
+from xception.benchmark import BenchmarkConfig, Candidate, Result, machine_limits, run_interleaved
 from xception.benchmark.timing import count_params_and_macs, module_candidate
 from xception.files import write_text_atomic
 from xception.precision import autocast
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-HEADING = "## GPU"
-SECTIONS = {"inference": "Inference, eager", "train": "Training step, bf16 autocast",
-            "deeplab": "DeepLabV3+ (deeplabv3plus_xception65, 21 classes, output stride 16)",
-            "compiled": "Inference, torch.compile"}
 OURS, TIMM = "xception", "timm legacy_xception"
 DEEPLAB = "deeplabv3plus_xception65"
 
@@ -89,7 +87,7 @@ GPU_PLAN = Plan(device="cuda", img_size=299, batches=(1, 32, 256), precisions=("
                 compiled=(("bf16", 32), ("bf16", 256), ("fp16", 32), ("fp16", 256), ("fp32", 32), ("fp32", 256),
                           ("bf16", 1), ("fp16", 1), ("fp32", 1)),
                 compile_backend="inductor", first_compile_guess_s=60.0, timing_allowance_s=15.0, warmup=3,
-                repeats=5, iterations=3, min_run_time=0.2, budget_s=450.0)
+                repeats=5, iterations=3, min_run_time=0.2, budget_s=BUDGET_S)
 # Every code path at the smallest sizes: one configuration per group (fp16 is skipped with the precision table's
 # reason: the CPU cannot run it), one layout, and dynamo tracing the compiled pair (the "eager" backend) without
 # Inductor's code generation, which takes minutes on the CPU.
@@ -359,60 +357,6 @@ def measure_compiled(run: Run, models: Models) -> None:
                 run.compile_s.append(result.compile_s)
 
 
-# --- BENCHMARKS.md ----------------------------------------------------------------------------------------
-
-def section_lines(payload: dict[str, Any] | None) -> list[str]:
-    """BENCHMARKS.md's GPU section: how to run the benchmark and, once it has run, its tables."""
-    lines = [f"{HEADING}" + ("" if payload else " (prepared, not run yet)"), "",
-             "`python benchmarks/gpu.py` measures, on one CUDA GPU within a budget of 450 s (`--budget-s`): inference "
-             "at batch 1, 32 and 256 in fp32, bf16 and fp16 autocast, ours (`create_model(\"xception\")`) against "
-             "timm's `legacy_xception`, both memory layouts, timed interleaved on the same input batch; a training "
-             "step with bf16 autocast at batch 64 (`xception.training.step.train_step` on each model, SGD); "
-             "DeepLabV3+ (`deeplabv3plus_xception65`, 21 classes, output stride 16) frames per second at 513x513; "
-             "then inference compiled with `torch.compile` (Inductor, static shapes, channels_last), pair by pair in "
-             "priority order while the budget fits two more compilations. It writes `benchmarks/results/gpu.json` "
-             "(GPU, driver, CUDA, cuDNN and torch versions, every measurement) and replaces this section with the "
-             "tables; what did not fit or could not run is listed with the reason. `python benchmarks/gpu.py "
-             "--dry-run` runs the same code on the CPU with tiny sizes into a temporary folder (the default test "
-             "suite does).", ""]
-    if not payload:
-        return [*lines, "It has not run on a GPU yet: there are no numbers here until it does.", ""]
-    described = payload["machine"]
-    shown = ("gpu_memory_gib", "compute_capability", "driver", "cuda", "cudnn", "timm", "host")
-    lines += [f"{'Dry run on the CPU' if payload['dry_run'] else described['device']}: "
-              + ", ".join(f"{key} {described[key]}" for key in shown if described.get(key) is not None)
-              + f". Date: {payload['date']}; the run took {payload['elapsed_s']:.0f} s"
-              + (f" and stopped early ({payload['stopped']})." if payload.get("stopped") else "."), ""]
-    if described.get("tf32_convolutions"):
-        lines += ["fp32 convolutions run in TF32 (PyTorch's default for cuDNN) while the fp32 matmul limit is measured "
-                  "without it, so fp32's `% of peak` can pass 100.", ""]
-    limits = payload.get("limits")
-    for name, title in SECTIONS.items():
-        rows = [Result(**{**row, "img_size": tuple(row["img_size"])}) for row in payload["sections"].get(name, [])]
-        if rows:
-            lines += [f"### {title}", "", results_to_markdown(rows, limits), ""]
-    return lines
-
-
-def replace_section(path: Path, lines: list[str]) -> None:
-    """Replace the "## GPU" section of the Markdown file ``path`` (up to the next "## " heading), or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    page = text.splitlines()
-    start = next((i for i, line in enumerate(page) if line.startswith(HEADING)), None)
-    if start is None:
-        page = [*page, "", *lines]
-    else:
-        end = next((i for i in range(start + 1, len(page)) if page[i].startswith("## ")), len(page))
-        page = [*page[:start], *lines, *page[end:]]
-    write_text_atomic(path, "\n".join(page).rstrip("\n") + "\n")
-
-
-def section_from_results(path: Path = RESULTS / "gpu.json") -> list[str]:
-    """The GPU section from a recorded run (benchmarks/inference.py puts it on the page it regenerates)."""
-    payload = json.loads(path.read_text()) if path.exists() else None
-    return section_lines(None if payload is None or payload.get("dry_run") else payload)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU with tiny sizes, "
@@ -421,7 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="folder for gpu.json (default benchmarks/results)")
     parser.add_argument("--benchmarks-md", type=Path, help="the page whose GPU section is replaced "
                         "(default BENCHMARKS.md; in a dry run, a copy in the output folder)")
+    parser.add_argument("--from-results", type=Path, metavar="GPU_JSON", help="measure nothing: write the page's "
+                        "GPU section from a recorded gpu.json (one brought back from a GPU machine)")
     args = parser.parse_args(argv)
+    if args.from_results:
+        page = args.benchmarks_md or ROOT.parent / "BENCHMARKS.md"
+        replace_section(page, section_lines(json.loads(args.from_results.read_text())))
+        print(f"wrote the GPU section of {page} from {args.from_results}")
+        return 0
     plan = DRY_PLAN if args.dry_run else GPU_PLAN
     if args.budget_s is not None:
         plan = dataclasses.replace(plan, budget_s=args.budget_s)

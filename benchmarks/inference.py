@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from fashion_mnist import machine
-from gpu import section_from_results
+from gpu_report import section_from_results
 from profile_inference import report as int8_profile
 from profile_training import report as training_profile
 

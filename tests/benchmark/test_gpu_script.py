@@ -26,6 +26,12 @@ def gpu():
         sys.path.remove(str(BENCHMARKS))
 
 
+@pytest.fixture(scope="module")
+def report(gpu):
+    """benchmarks/gpu_report.py: the BENCHMARKS.md section (gpu.py imports it, as does inference.py)."""
+    return importlib.import_module("gpu_report")
+
+
 @pytest.fixture
 def page(tmp_path: Path) -> Path:
     """A copy of BENCHMARKS.md for the run to rewrite."""
@@ -70,6 +76,10 @@ def test_dry_run_takes_every_code_path(gpu, page: Path, tmp_path: Path) -> None:
     for title in gpu.SECTIONS.values():
         assert f"### {title}" in section
     assert "| xception compiled | channels_last | inference | fp32 | 2 | 80x80 |" in section
+    # a run brought back from another machine gives the same section
+    elsewhere = Path(shutil.copyfile(ROOT / "BENCHMARKS.md", tmp_path / "elsewhere.md"))
+    assert gpu.main(["--from-results", str(output / "gpu.json"), "--benchmarks-md", str(elsewhere)]) == 0
+    assert elsewhere.read_text() == text
     # the real results are not touched by a dry run
     assert (real_results.read_bytes() if real_results.exists() else None) == before
 
@@ -116,23 +126,23 @@ def test_a_failing_group_is_recorded_and_the_run_goes_on(gpu, tmp_path: Path) ->
     assert result.skipped == "failed: RuntimeError: CUDA out of memory" and run.stopped is None
 
 
-def test_the_page_has_the_prepared_section(gpu) -> None:
-    """BENCHMARKS.md's GPU section is the script's own text: until a GPU run is recorded, how to run it and no
+def test_the_page_has_the_prepared_section(report) -> None:
+    """BENCHMARKS.md's GPU section is gpu_report's own text: until a GPU run is recorded, how to run it and no
     numbers (benchmarks/inference.py, which regenerates the page, puts the same section at its end)."""
     text = (ROOT / "BENCHMARKS.md").read_text()
-    expected = "\n".join(gpu.section_from_results()).strip()
-    section = text[text.index(gpu.HEADING):].strip()
+    expected = "\n".join(report.section_from_results()).strip()
+    section = text[text.index(report.HEADING):].strip()
     assert section == expected
     if not (BENCHMARKS / "results" / "gpu.json").exists():
         assert "has not run on a GPU yet" in section and "img/s" not in section
 
 
-def test_replace_section_keeps_the_rest_of_the_page(gpu, tmp_path: Path) -> None:
+def test_replace_section_keeps_the_rest_of_the_page(report, tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text("# Benchmarks\n\n## A\n\na\n\n## GPU (old)\n\nold\n\n### sub\n\nold too\n\n## B\n\nb\n")
-    gpu.replace_section(page, ["## GPU", "", "new", ""])
+    report.replace_section(page, ["## GPU", "", "new", ""])
     assert page.read_text() == "# Benchmarks\n\n## A\n\na\n\n## GPU\n\nnew\n\n## B\n\nb\n"
     bare = tmp_path / "bare.md"
     bare.write_text("# Benchmarks\n\n## A\n")
-    gpu.replace_section(bare, ["## GPU", "", "new"])
+    report.replace_section(bare, ["## GPU", "", "new"])
     assert bare.read_text() == "# Benchmarks\n\n## A\n\n## GPU\n\nnew\n"
