@@ -30,6 +30,7 @@ from xception.training.segmentation_metrics import (
     segment,
 )
 from xception.training.step import forward_backward
+from xception.training.tasks import ClassificationTask
 
 # A narrow DeepLabV3+ so that every run takes seconds; 'same' stem padding keeps a stride-4 map for the decoder.
 TINY = {"stem_widths": (8, 16), "stem_padding": "same", "entry_widths": (16, 32), "middle_repeats": 0,
@@ -192,6 +193,12 @@ def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(dat
     with pytest.raises(InvalidArgumentError, match="segmentation trains on a folder"):
         train(TrainConfig(task="segmentation", output=tmp_path, progress=False))
     assert TrainConfig(task="segmentation").recipe == "camvid" and TrainConfig().recipe == "compact"
+    classification_model = config(data, tmp_path, model="xception", model_options={})
+    with pytest.raises(InvalidArgumentError, match="xception is not a segmentation model: choose one of"):
+        build_segmentation_model(classification_model, classification_model.resolved_recipe(), 3, 3)
+    segmentation_model = TrainConfig(model="deeplabv3plus_xception")
+    with pytest.raises(InvalidArgumentError, match="is a segmentation model: train it with xception segment train"):
+        ClassificationTask(segmentation_model).build_model(segmentation_model.resolved_recipe(), 10, 1)
 
 
 def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:

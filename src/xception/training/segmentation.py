@@ -19,7 +19,8 @@ from ..data import (
     median_frequency_weights,
 )
 from ..errors import InvalidArgumentError
-from ..models import create_model
+from ..models import create_model, list_models
+from ..models.registry import model_task
 from .checkpoint import read_architecture
 from .data import samplers
 from .finetune import run_weights
@@ -41,6 +42,9 @@ def build_segmentation_model(config: TrainConfig, recipe: Recipe, num_classes: i
     ``config.backbone_weights``: a registered name, a weight file, or a classification run folder, whose best
     (else last) weights are loaded and whose backbone architecture replaces the options' backbone knobs."""
     name, options = recipe.model, {**recipe.model_options, **config.model_options}
+    if model_task(name) != "segmentation":
+        raise InvalidArgumentError(f"{name} is not a segmentation model: choose one of "
+                                   f"{', '.join(list_models('segmentation'))} (or train {name} with xception train)")
     weights = config.backbone_weights
     if weights is not None and Path(weights).is_dir():
         weights_file = run_weights(Path(weights))

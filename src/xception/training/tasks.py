@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..data import collate_skipping
+from ..errors import InvalidArgumentError
+from ..models.registry import model_task
 from .data import build_datasets, class_weights
 from .finetune import build_model
 from .metrics import evaluate
@@ -43,6 +45,8 @@ class ClassificationTask:
         return collate_skipping
 
     def build_model(self, recipe: Recipe, num_classes: int, in_chans: int) -> nn.Module:
+        if model_task(recipe.model) != self.name:
+            raise InvalidArgumentError(f"{recipe.model} is a segmentation model: train it with xception segment train")
         return build_model(self.config.weights, recipe, self.config.model_options, num_classes, in_chans)
 
     def class_weights(self, train_set: Any, recipe: Recipe) -> torch.Tensor | None:
