@@ -286,6 +286,13 @@ def test_hub_repository_as_weights(small_model: nn.Module, tmp_path: Path, monke
         xception.load_weights(new_head, "hf-hub:me/small", new_head=True)  # fine-tuning: the classifier stays new
         with pytest.raises(WeightsUnavailableError, match="RepositoryNotFoundError"):
             xception.create_model("xception", **CONFIG, weights="hf-hub:me/missing")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        with pytest.raises(WeightsUnavailableError) as info:
+            xception.create_model("xception", **CONFIG, weights="hf-hub:me/small@v2")
+        for needle in ("model.safetensors of me/small at revision v2", "hf download me/small model.safetensors "
+                       "--revision v2", str(tmp_path / "hf-cache"), "weights=<path>"):
+            assert needle in str(info.value), needle
+        assert xception.create_model("xception", **CONFIG, weights=f"hf-hub:me/small@{old}")  # cached: offline is fine
     assert_same_state(latest, snapshot(other))
     assert_same_state(pinned, snapshot(small_model))
     assert torch.equal(new_head.state_dict()["head.predictions.weight"], head)

@@ -322,6 +322,20 @@ def hub_download(repo: str, filename: str, *, revision: str = "main", sha256: st
     return path
 
 
+def hub_repo_file(repo: HubRepo, filename: str) -> Path:
+    """``filename`` of an ``hf-hub:`` repository, or an error naming the repository, file and revision and how to
+    put them in place by hand."""
+    try:
+        return hub_download(repo.repo, filename, revision=repo.revision)
+    except WeightsUnavailableError as error:
+        raise WeightsUnavailableError(
+            f"could not get {filename} of {repo.repo} at revision {repo.revision} from the Hub: {error}\n"
+            f"Fetch it with `hf download {repo.repo} {filename} --revision {repo.revision}` on a machine with network "
+            f"access, then copy its cache to this machine's ({hub_cache_dir()}; or set HF_HUB_CACHE); or pass the "
+            "path of a local copy instead: the file as weights=<path>, a save_pretrained folder to from_pretrained"
+        ) from error
+
+
 def check_hub_file(path: Path, sha256: str | None = None) -> None:
     """Refuse a file from the Hub's cache that is not ``sha256`` (when pinned) or not the file the Hub named: the
     cache stores each file under the Hub's id for it, the SHA-256 of a Git LFS file or the Git SHA-1 of a small

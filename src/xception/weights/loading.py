@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_path
-from .download import fetch, hub_download, parse_hub_spec
+from .download import fetch, hub_repo_file, parse_hub_spec
 from .formats import WeightFileError, read_weights
 from .registered import Weights, get_weights
 
@@ -92,7 +92,7 @@ def weights_path(weights: str | Path) -> Path:
     repo = parse_hub_spec(weights)
     if repo is None:
         return Path(weights)
-    return hub_download(repo.repo, PRETRAINED_WEIGHTS, revision=repo.revision)
+    return hub_repo_file(repo, PRETRAINED_WEIGHTS)
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path, file_format: str,

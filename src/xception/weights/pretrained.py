@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError, WeightFileError
-from .download import hub_download, parse_hub_spec
+from .download import HubRepo, hub_repo_file, parse_hub_spec
 from .loading import PRETRAINED_WEIGHTS
 
 if TYPE_CHECKING:
@@ -108,11 +108,11 @@ def pretrained_folder(source: str | Path) -> Path:
             raise InvalidArgumentError(f"{folder} is not a folder: give the folder save_pretrained wrote or "
                                        "hf-hub:org/name[@revision]")
         return folder
-    config = hub_download(repo.repo, CONFIG_FILE, revision=repo.revision)
+    config = hub_repo_file(repo, CONFIG_FILE)
     # The snapshot folder is named by the commit the revision resolved to: fetch the weights at that same commit,
     # even if the branch moves in between.
     commit = config.parent.name if len(config.parent.name) == 40 else repo.revision
-    weights = hub_download(repo.repo, PRETRAINED_WEIGHTS, revision=commit)
+    weights = hub_repo_file(HubRepo(repo.repo, commit), PRETRAINED_WEIGHTS)
     if weights.parent != config.parent:
         raise WeightFileError(f"the Hub gave {weights} and {config} for {repo}, from different snapshots")
     return config.parent
