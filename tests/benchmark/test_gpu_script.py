@@ -42,6 +42,7 @@ def rows(payload: dict, section: str) -> list[dict]:
     return payload["sections"][section]
 
 
+@pytest.mark.usefixtures("one_thread")  # tiny inputs: a second thread only slows a shared CPU
 def test_dry_run_takes_every_code_path(gpu, page: Path, tmp_path: Path) -> None:
     real_results = BENCHMARKS / "results" / "gpu.json"
     before = real_results.read_bytes() if real_results.exists() else None
