@@ -38,7 +38,8 @@ def test_all_runs_every_experiment_in_order(tmp_path, monkeypatch):
     settings = replace(TINY, data=str(colour_folder(tmp_path / "data")))
     assert experiments.run_experiments("all", settings, tmp_path / "out") == \
         ["activation", "residual", "spectrum", "order", "inception"]
-    assert list(experiments.EXPERIMENTS) == list(experiments.EXPERIMENT_NAMES)
+    # all: the Xception paper's experiments; the segmentation one runs by name only
+    assert list(experiments.EXPERIMENTS) == [*experiments.EXPERIMENT_NAMES, *experiments.SEGMENTATION_EXPERIMENTS]
 
 
 def test_too_small_data_is_refused_before_training(tmp_path):
@@ -55,7 +56,7 @@ def test_cli_parses_the_experiment_command():
     assert (args.output, args.docs) == (Path("out"), Path("docs"))
     defaults = build_parser().parse_args(["experiment", "spectrum"])
     assert (defaults.data, defaults.seeds, defaults.quick, defaults.output, defaults.docs) == \
-        ("fashion-mnist", None, False, Path("runs/experiments"), None)
+        (None, None, False, Path("runs/experiments"), None)  # None: the experiment's data (Fashion-MNIST, CamVid)
 
 
 def test_shared_variants_share_their_runs_until_anything_changes(tmp_path, monkeypatch):

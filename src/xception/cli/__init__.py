@@ -224,7 +224,11 @@ def command_experiment(args: argparse.Namespace) -> int:
     """Test one of the paper's claims (or all) at small scale; print each verdict and where the outputs are."""
     from .. import experiments
 
-    settings = experiments.make_settings(quick=args.quick, data=args.data, seeds=args.seeds, epochs=args.epochs)
+    if args.docs and args.name in experiments.SEGMENTATION_EXPERIMENTS:
+        raise InvalidArgumentError(f"--docs writes the Xception paper's report (xception experiment all); "
+                                   f"{args.name}'s report is {args.output / args.name / 'results.md'}")
+    settings = experiments.make_settings(experiment=args.name, quick=args.quick, data=args.data, seeds=args.seeds,
+                                         epochs=args.epochs)
     results = experiments.run_experiments(args.name, settings, args.output, report=lambda line: print(line, flush=True))
     for result in results:
         print(result.summary_line())
@@ -350,12 +354,15 @@ def add_convert_command(commands: Any) -> None:
 def add_experiment_command(commands: Any) -> None:
     experiment = commands.add_parser("experiment", help="test the paper's claims at small scale: curves, tables, "
                                                         "verdicts")
-    experiment.add_argument("name", help="activation, residual, spectrum, order, inception or all")
-    experiment.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder with train/ and val/")
-    experiment.add_argument("--seeds", type=at_least(1), help="training runs per variant (default 3; 1 with --quick)")
+    experiment.add_argument("name", help="activation, residual, spectrum, order, inception or all (the Xception "
+                                         "paper's); decoder (DeepLabV3+ on a segmentation folder)")
+    experiment.add_argument("--data", help="fashion-mnist (the default), or a folder with train/ and val/; decoder: a "
+                                           "segmentation folder (default: ../shared/datasets/camvid)")
+    experiment.add_argument("--seeds", type=at_least(1), help="training runs per variant (default 3; 1 with --quick; "
+                                                              "decoder: its other factors run 2 at most)")
     experiment.add_argument("--quick", action="store_true",
                             help="one seed and a subset of the data: about 10 minutes, a smoke test, not evidence")
-    experiment.add_argument("--epochs", type=at_least(1), help="epochs per run (default 3)")
+    experiment.add_argument("--epochs", type=at_least(1), help="epochs per run (default 3; decoder: 2)")
     experiment.add_argument("--output", type=Path, default=Path("runs/experiments"),
                             help="runs, curves, tables and JSON go here; finished runs in it are reused")
     experiment.add_argument("--docs", type=Path, help="also write DOCS/paper-reproduction.md and DOCS/figures/")

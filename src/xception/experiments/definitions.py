@@ -1,5 +1,6 @@
 """What the experiments are: how much to train, the data checked before any run, and each experiment's claim and
-variants (architectures built on the compact recipe, the spectrum and Inception ones fitted to its parameter count).
+variants (architectures built on the compact recipe, the spectrum and Inception ones fitted to its parameter count;
+the decoder experiment's DeepLab models on the camvid recipe, with its settings in :mod:`.segmentation`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ from ..errors import InvalidArgumentError
 from ..models import create_model
 from ..training import TrainConfig
 from ..training.recipes import get_recipe
+from .segmentation import (
+    SEGMENTATION_RECIPE,
+    SegmentationSettings,
+    count_segmentation_data,
+    make_segmentation_settings,
+    segmentation_command_line,
+)
 
+# The Xception paper's claims, in order: what `xception experiment all` runs and the report gathers.
 EXPERIMENT_NAMES = ("activation", "residual", "spectrum", "order", "inception")
+# Semantic segmentation on a segmentation folder (DeepLabV3+'s claims), run by name only.
+SEGMENTATION_EXPERIMENTS = ("decoder",)
 RECIPE = "compact"
 SPECTRUM_SEGMENTS = (1, 4, 16, None)  # None: one segment per channel, a depthwise convolution (Xception)
 BASELINE_KEY = "xception"
@@ -57,21 +68,30 @@ class ExperimentSettings:
             if value is not None and value < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1 when given, got {value}")
 
+    def seeds_for(self, fewer: bool) -> int:
+        """Runs of a variant: every variant of these experiments is part of its claim."""
+        return self.seeds
+
 
 FULL = ExperimentSettings()
 QUICK = ExperimentSettings(seeds=1, epochs=3, train_subset=6000, val_subset=2000, quick=True, benchmark_repeats=2)
 
 
-def make_settings(*, quick: bool = False, data: str = "fashion-mnist", seeds: int | None = None,
-                  epochs: int | None = None) -> ExperimentSettings:
-    """The full or quick preset with the command line's choices on top (an explicit ``seeds`` wins over
-    ``--quick``'s one seed)."""
+def make_settings(*, experiment: str = "all", quick: bool = False, data: str | None = None, seeds: int | None = None,
+                  epochs: int | None = None) -> ExperimentSettings | SegmentationSettings:
+    """The full or quick preset of ``experiment`` with the command line's choices on top (an explicit ``seeds``
+    wins over ``--quick``'s one seed; ``data`` None: the preset's, Fashion-MNIST or CamVid)."""
+    if experiment in SEGMENTATION_EXPERIMENTS:
+        return make_segmentation_settings(quick=quick, data=data, seeds=seeds, epochs=epochs)
     preset = QUICK if quick else FULL
-    return replace(preset, data=data, seeds=seeds or preset.seeds, epochs=epochs or preset.epochs)
+    return replace(preset, data=data or preset.data, seeds=seeds or preset.seeds, epochs=epochs or preset.epochs)
 
 
-def command_line(name: str, settings: ExperimentSettings, output: str | Path = "runs/experiments") -> str:
+def command_line(name: str, settings: ExperimentSettings | SegmentationSettings,
+                 output: str | Path = "runs/experiments") -> str:
     """The ``xception experiment`` command that runs ``name`` with ``settings``, for the outputs to quote."""
+    if isinstance(settings, SegmentationSettings):
+        return segmentation_command_line(name, settings, output)
     preset = QUICK if settings.quick else FULL
     parts = ["xception experiment", name, *(["--data", settings.data] if settings.data != FULL.data else []),
              *(["--quick"] if settings.quick else []),
@@ -95,8 +115,18 @@ class DataInfo:
     val_available: int
 
 
-def describe_data(settings: ExperimentSettings) -> DataInfo:
+@dataclass(frozen=True)
+class SegmentationDataInfo(DataInfo):
+    """A segmentation folder's counts, and the training crops the variants are built with."""
+
+    crop_size: int  # the baseline's square training crop (evaluation is at full resolution)
+    small_crop_size: int
+
+
+def describe_data(settings: ExperimentSettings | SegmentationSettings) -> DataInfo:
     """Check the data before anything trains: an experiment of hours must not fail at its tenth run."""
+    if isinstance(settings, SegmentationSettings):
+        return SegmentationDataInfo(**count_segmentation_data(settings))
     if settings.data == "fashion-mnist":
         train_available = len(load_fashion_mnist("train")[1])
         val_available = len(load_fashion_mnist("test")[1])
@@ -127,18 +157,23 @@ def describe_data(settings: ExperimentSettings) -> DataInfo:
 
 @dataclass(frozen=True)
 class Variant:
-    """One architecture of an experiment: ``create_model`` options on top of the compact recipe's."""
+    """One architecture of an experiment: ``create_model`` options on top of its recipe's (the compact one for the
+    paper's experiments)."""
 
     key: str  # names its runs' folder: variants with the same key and options share runs across experiments
     label: str
     options: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # None: the recipe's (xception); another model starts from no recipe options
     note: str = ""
+    recipe: str = RECIPE
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields besides the settings' (crop, stride)
+    fewer_seeds: bool = False  # a factor measured beside the claim: trained with the settings' factor seeds
 
 
 def model_options(variant: Variant) -> tuple[str, dict[str, Any]]:
     """The model name and full options ``train`` builds the variant with (as it merges them)."""
-    recipe = TrainConfig(recipe=RECIPE, model=variant.model).resolved_recipe()
+    recipe = TrainConfig(task=get_recipe(variant.recipe).task, recipe=variant.recipe,
+                         model=variant.model).resolved_recipe()
     return recipe.model, {**recipe.model_options, **variant.options}
 
 
@@ -231,6 +266,41 @@ def _inception_variants(info: DataInfo) -> list[Variant]:
                     note=f"{INCEPTION_MODEL}, width {width}")]
 
 
+def _decoder_variants(info: DataInfo) -> list[Variant]:
+    """The camvid recipe's DeepLabV3+ and one change at a time: no decoder (the claim), then what the backbone, the
+    output stride and the crop size each buy."""
+    if not isinstance(info, SegmentationDataInfo):
+        raise InvalidArgumentError("the decoder experiment trains on a segmentation folder (SegmentationSettings)")
+    crop, small = {"img_size": info.crop_size}, {"img_size": info.small_crop_size}
+    narrow = get_recipe(SEGMENTATION_RECIPE).model_options
+    # The compact recipe's stem has no stride (28 px images); stride 2 gives the stride-4 map the decoder takes and
+    # the narrow backbone's strides (2, 4, 8, 16), at a sixth of its parameters.
+    compact = {**get_recipe(RECIPE).model_options, "stem_stride": 2}
+
+    def variant(key: str, label: str, note: str, **fields: Any) -> Variant:
+        return Variant(key, label, note=note, recipe=SEGMENTATION_RECIPE, **fields)
+
+    variants = [
+        variant("deeplabv3plus", "DeepLabV3+", f"the baseline: camvid's narrow Xception, output stride 16, crop "
+                f"{info.crop_size}", train=crop),
+        variant("deeplabv3", "DeepLabV3", "the baseline without its decoder", options=dict(narrow),
+                model="deeplabv3_xception", train=crop),
+        variant("compact-backbone", "compact backbone", "the compact recipe's Xception, stem stride 2",
+                options=compact, train=crop, fewer_seeds=True),
+        variant("output-stride-8", "output stride 8", "ASPP rates 12/24/36", train={**crop, "output_stride": 8},
+                fewer_seeds=True),
+        variant("small-crop", f"crop {info.small_crop_size}", f"crop {info.small_crop_size} instead of "
+                f"{info.crop_size}", train=small, fewer_seeds=True),
+    ]
+    for each in variants:  # refused here rather than at the first step of the run that needs it
+        model, options = model_options(each)
+        minimum = create_model(model, num_classes=info.num_classes, **options).min_input_size
+        if each.train["img_size"] < minimum:
+            raise InvalidArgumentError(f"the {each.label} variant's crop of {each.train['img_size']} pixels is smaller "
+                                       f"than {model}'s minimum input of {minimum}: use larger crops")
+    return variants
+
+
 def _fit_monotone(count: Callable[[float], int], target: int, low: float, high: float, steps: int = 30) -> float:
     """The factor in [low, high] whose (non-decreasing, stepwise) count is closest to ``target``, by bisection."""
     for _ in range(steps):
@@ -253,6 +323,7 @@ class Experiment:
     paper: str  # where the paper makes the claim
     claim: str
     variants: Callable[[DataInfo], list[Variant]]
+    score: str = "top1"  # the training history's val_<score> that measures a run: "top1", or "miou"
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -278,4 +349,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         "At about the same number of parameters Xception is more accurate than Inception V3 (Table 1) and trains a "
         "little more slowly (Table 3: 28 against 31 steps/s).",
         _inception_variants),
+    "decoder": Experiment(
+        "decoder", "The DeepLabV3+ decoder, and what backbone, output stride and crop buy",
+        "DeepLabV3+, Tables 3 and 5",
+        "Adding the decoder (the stride-4 features refined with the upsampled ASPP output) to DeepLabV3 improves "
+        "mIoU, especially along object boundaries.",
+        _decoder_variants, score="miou"),
 }

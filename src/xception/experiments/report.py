@@ -17,8 +17,8 @@ import torch
 
 from ..files import save_figure, write_text_atomic
 from ..training.recipes import get_recipe
-from .definitions import EXPERIMENT_NAMES, FULL, RECIPE, plural
-from .verdicts import ExperimentResult, percent
+from .definitions import EXPERIMENT_NAMES, EXPERIMENTS, FULL, RECIPE, plural
+from .verdicts import SCORE_NAMES, ExperimentResult, percent
 
 # --- when and where runs trained -------------------------------------------------------------------
 
@@ -45,10 +45,14 @@ def write_outputs(result: ExperimentResult, folder: Path) -> None:
     write_text_atomic(folder / "results.json", result.to_json() + "\n")
 
 
+def _score_name(result: ExperimentResult) -> str:
+    return SCORE_NAMES[EXPERIMENTS[result.name].score]
+
+
 def _results_table(result: ExperimentResult) -> str:
     seeds = result.settings["seeds"]
     notes = any(v.note for v in result.variants)
-    lines = [f"| variant | parameters | final val top-1 (mean ± std, {plural(seeds, 'seed')}) | "
+    lines = [f"| variant | parameters | final {_score_name(result)} (mean ± std, {plural(seeds, 'seed')}) | "
              f"steps/s |{' notes |' if notes else ''}",
              f"|---|---:|---:|---:|{'---|' if notes else ''}"]
     for v in result.variants:
@@ -56,6 +60,23 @@ def _results_table(result: ExperimentResult) -> str:
         row = f"| {v.label} | {v.params:,} | {100 * v.mean:.2f} ± {100 * v.std:.2f}% | {speed} |"
         lines.append(row + (f" {v.note} |" if notes else ""))
     return "\n".join(lines)
+
+
+def _factor_table(result: ExperimentResult) -> str:
+    """What each variant buys: its score's difference from the first variant (the baseline), and its cost."""
+    baseline = result.variants[0]
+    lines = [f"| variant | what changes | parameters | seeds | final {_score_name(result)} (mean ± std) | "
+             "vs baseline | minutes per run |", "|---|---|---:|---:|---:|---:|---:|"]
+    for v in result.variants:
+        gap = "-" if v is baseline else f"{100 * (v.mean - baseline.mean):+.2f}"
+        minutes = f"{v.minutes_per_run:.2f}" if v.minutes_per_run else "-"
+        lines.append(f"| {v.label} | {v.note} | {v.params:,} | {len(v.runs)} | {100 * v.mean:.2f} ± "
+                     f"{100 * v.std:.2f}% | {gap} | {minutes} |")
+    return "\n".join(lines)
+
+
+# The table of an experiment whose variants are factors measured against a baseline, rather than rivals.
+_TABLES = {"decoder": _factor_table}
 
 
 def _full_size_table(full_size: dict[str, Any]) -> str:
@@ -78,7 +99,7 @@ def _result_markdown(result: ExperimentResult, figure: str, level: int = 1) -> s
     parts = [f"{'#' * level} {result.title} ({result.paper})", "",
              f"**The paper:** {result.claim}", "",
              f"Setting: {subset}; `{result.command}`, {result.date}.", "",
-             f"![{result.title}]({figure})", "", _results_table(result), ""]
+             f"![{result.title}]({figure})", "", _TABLES.get(result.name, _results_table)(result), ""]
     if result.full_size:
         parts += [_full_size_table(result.full_size), ""]
     parts += [f"**Verdict: {result.verdict.outcome}.** {result.verdict.text}", "",
@@ -87,8 +108,9 @@ def _result_markdown(result: ExperimentResult, figure: str, level: int = 1) -> s
 
 
 def _plot_experiment(result: ExperimentResult, path: Path) -> None:
-    """The paper's kind of figure: validation top-1 against the training step, one colour per variant, the mean
-    over seeds as a line and their min-max as a band; training loss beside it, where convergence shows best."""
+    """The paper's kind of figure: the validation score (top-1, or mIoU) against the training step, one colour per
+    variant, the mean over seeds as a line and their min-max as a band; training loss beside it, where convergence
+    shows best."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,8 +132,14 @@ def _plot_experiment(result: ExperimentResult, path: Path) -> None:
             if len(curves) > 1:
                 axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.2)
     seeds = result.settings["seeds"]
+    fewest = min(len(variant.runs) for variant in result.variants)  # the decoder's factors train fewer seeds
     band = f"mean and min-max of {seeds} seeds" if seeds > 1 else "one seed"
-    accuracy_axis.set(xlabel="training step", ylabel="validation top-1", title=f"{result.title} ({band})")
+    if 1 < fewest < seeds:
+        band = f"mean and min-max of {fewest}-{seeds} seeds"
+    elif fewest == 1 < seeds:
+        band = f"mean and min-max of up to {seeds} seeds"
+    accuracy_axis.set(xlabel="training step", ylabel=_score_name(result).replace("val ", "validation "),
+                      title=f"{result.title} ({band})")
     loss_axis.set(xlabel="training step", ylabel="training loss", title="Training loss (running mean per epoch)")
     for axis in (accuracy_axis, loss_axis):
         axis.grid(alpha=0.3)

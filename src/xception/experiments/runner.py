@@ -16,12 +16,13 @@ import torch
 from ..errors import InvalidArgumentError
 from ..files import write_text_atomic
 from ..training import TrainConfig, train
+from ..training.recipes import get_recipe
 from .definitions import (
     EXPERIMENT_NAMES,
     EXPERIMENTS,
     FULL,
     PAPER_TABLE3,
-    RECIPE,
+    SEGMENTATION_EXPERIMENTS,
     DataInfo,
     ExperimentSettings,
     Variant,
@@ -31,37 +32,46 @@ from .definitions import (
     parameter_count,
 )
 from .report import machine_description, today, write_outputs
-from .verdicts import ExperimentResult, RunResult, VariantResult, judge_experiment
+from .segmentation import SegmentationSettings
+from .verdicts import SCORE_NAMES, ExperimentResult, RunResult, VariantResult, judge_experiment
 
 
-def _resolve_names(name: str) -> list[str]:
+def _resolve_names(name: str, settings: ExperimentSettings | SegmentationSettings) -> list[str]:
     if name == "all":
-        return list(EXPERIMENT_NAMES)
-    if name not in EXPERIMENTS:
+        names = list(EXPERIMENT_NAMES)
+    elif name in EXPERIMENTS:
+        names = [name]
+    else:
         raise InvalidArgumentError(f"unknown experiment {name!r}; valid experiments: "
-                                   f"{', '.join([*EXPERIMENT_NAMES, 'all'])}")
-    return [name]
+                                   f"{', '.join([*EXPERIMENT_NAMES, 'all', *SEGMENTATION_EXPERIMENTS])}")
+    segmentation = names[0] in SEGMENTATION_EXPERIMENTS
+    if segmentation != isinstance(settings, SegmentationSettings):
+        wanted = "SegmentationSettings" if segmentation else "ExperimentSettings"
+        raise InvalidArgumentError(f"experiment {name!r} takes {wanted}: make them with "
+                                   f"make_settings(experiment={name!r}, ...)")
+    return names
 
 
-def run_experiments(name: str, settings: ExperimentSettings = FULL, output: str | Path = "runs/experiments", *,
+def run_experiments(name: str, settings: ExperimentSettings | SegmentationSettings = FULL,
+                    output: str | Path = "runs/experiments", *,
                     report: Callable[[str], None] | None = None) -> list[ExperimentResult]:
-    """Run ``name`` (an experiment or ``all``) and write its outputs under ``output``; ``report`` receives one
-    line per finished run. The name and the data are checked before anything trains."""
-    names = _resolve_names(name)
+    """Run ``name`` (an experiment or ``all``, the Xception paper's) and write its outputs under ``output``;
+    ``report`` receives one line per finished run. The name and the data are checked before anything trains."""
+    names = _resolve_names(name, settings)
     info = describe_data(settings)
     command = command_line(name, settings, output)
     return [_run_experiment(each, settings, Path(output), info, command, report) for each in names]
 
 
-def _run_experiment(name: str, settings: ExperimentSettings, output: Path, info: DataInfo, command: str,
-                    report: Callable[[str], None] | None) -> ExperimentResult:
+def _run_experiment(name: str, settings: ExperimentSettings | SegmentationSettings, output: Path, info: DataInfo,
+                    command: str, report: Callable[[str], None] | None) -> ExperimentResult:
     """Train every variant of one experiment with every seed, judge, and write ``output/name/``."""
     experiment = EXPERIMENTS[name]
     variants = []
     for variant in experiment.variants(info):
         model, options = model_options(variant)
-        runs = [_train_variant(variant, seed, settings, output, report=report, tag=name)
-                for seed in range(settings.seeds)]
+        runs = [_train_variant(variant, seed, settings, output, report=report, tag=name, score=experiment.score)
+                for seed in range(settings.seeds_for(variant.fewer_seeds))]
         variants.append(VariantResult(variant.key, variant.label, model, options, parameter_count(variant, info),
                                       variant.note, runs))
     full_size = _measure_full_size(settings, output, report) if name == "inception" and settings.benchmark else None
@@ -77,15 +87,19 @@ def _run_experiment(name: str, settings: ExperimentSettings, output: Path, info:
     return result
 
 
-def _training_config(variant: Variant, seed: int, settings: ExperimentSettings, folder: Path = Path()) -> TrainConfig:
-    """What ``xception train`` would be given for this run: the compact recipe plus the variant's options."""
-    return TrainConfig(data=settings.data, recipe=RECIPE, model=variant.model, model_options=dict(variant.options),
-                       epochs=settings.epochs, batch_size=settings.batch_size, output=folder, resume=True, seed=seed,
-                       workers=settings.workers, train_subset=settings.train_subset, val_subset=settings.val_subset,
-                       progress=settings.progress)
+def _training_config(variant: Variant, seed: int, settings: ExperimentSettings | SegmentationSettings,
+                     folder: Path = Path()) -> TrainConfig:
+    """What ``xception train`` (or ``segment train``) would be given for this run: the variant's recipe (compact,
+    or camvid) plus its options and training fields (crop size, output stride)."""
+    return TrainConfig(task=get_recipe(variant.recipe).task, data=settings.data, recipe=variant.recipe,
+                       model=variant.model, model_options=dict(variant.options), epochs=settings.epochs,
+                       batch_size=settings.batch_size, output=folder, resume=True, seed=seed, workers=settings.workers,
+                       train_subset=settings.train_subset, val_subset=settings.val_subset,
+                       progress=settings.progress, **variant.train)
 
 
-def _run_folder(variant: Variant, seed: int, settings: ExperimentSettings, output: Path) -> Path:
+def _run_folder(variant: Variant, seed: int, settings: ExperimentSettings | SegmentationSettings,
+                output: Path) -> Path:
     """``output/runs/<key>-<digest>/seed<k>``: the digest covers everything that changes the run (the resolved
     recipe included, so a finished run is never reused once the recipe has changed)."""
     config = _training_config(variant, seed, settings)
@@ -97,9 +111,10 @@ def _run_folder(variant: Variant, seed: int, settings: ExperimentSettings, outpu
     return output / "runs" / f"{variant.key}-{digest}" / f"seed{seed}"
 
 
-def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings, output: Path, *,
-                   report: Callable[[str], None] | None = None, tag: str = "") -> RunResult:
-    """One run through :func:`xception.training.train`; a finished run is read back, an interrupted one resumed."""
+def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings | SegmentationSettings, output: Path, *,
+                   report: Callable[[str], None] | None = None, tag: str = "", score: str = "top1") -> RunResult:
+    """One run through :func:`xception.training.train`, measured by its history's ``val_<score>``; a finished run
+    is read back, an interrupted one resumed."""
     folder = _run_folder(variant, seed, settings, output)
     record = folder / "experiment-run.json"
     if record.exists():
@@ -112,17 +127,18 @@ def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings, ou
     if not history:
         raise RuntimeError(f"the run in {folder} stopped ({result['stopped']}) before its first evaluation")
     run = RunResult(
-        seed=seed, output=str(folder), final_top1=history[-1]["val_top1"], best_top1=result["best_top1"],
+        seed=seed, output=str(folder), final_top1=history[-1][f"val_{score}"], best_top1=result[f"best_{score}"],
         steps=result["steps"], seconds=None if resumed else round(seconds, 2),
         steps_per_s=None if resumed else round(result["steps"] / seconds, 3),
-        curve=[[r["step"], r["val_top1"]] for r in history],
+        curve=[[r["step"], r[f"val_{score}"]] for r in history],
         loss=[[record["step"], record["train_loss"]] for record in result["steps_log"]],
         date=today(), machine=machine_description())
     if result["stopped"] == "finished":
         write_text_atomic(record, json.dumps(asdict(run), indent=2))
     if report:
         speed = f", {run.steps_per_s:.2f} steps/s" if run.steps_per_s else ""
-        report(f"[{tag}] {variant.label}, seed {seed}: val top-1 {run.final_top1:.4f} after {run.steps} steps{speed}")
+        report(f"[{tag}] {variant.label}, seed {seed}: {SCORE_NAMES[score]} {run.final_top1:.4f} after {run.steps} "
+               f"steps{speed}")
     return run
 
 

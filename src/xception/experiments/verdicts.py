@@ -10,23 +10,29 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .definitions import BASELINE_KEY, DataInfo, ExperimentSettings, plural
+from .definitions import BASELINE_KEY, DataInfo, ExperimentSettings, SegmentationDataInfo, plural
+from .segmentation import SegmentationSettings
+
+# What each experiment's score is (Experiment.score), in sentences and table headings.
+SCORE_NAMES = {"top1": "val top-1", "miou": "val mIoU"}
 
 # --- results ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class RunResult:
-    """One training run (one variant, one seed)."""
+    """One training run (one variant, one seed). Its score is the experiment's (``Experiment.score``): validation
+    top-1, or for the segmentation experiment the validation mIoU at full resolution; the fields keep the names
+    ``*_top1`` so that recorded results and cached runs read back unchanged."""
 
     seed: int
     output: str
-    final_top1: float  # validation top-1 after the last epoch (EMA weights, as train evaluates)
+    final_top1: float  # the score after the last epoch (EMA weights where the recipe has them, as train evaluates)
     best_top1: float
     steps: int
     seconds: float | None  # wall time of the run; None when it resumed an interrupted one
     steps_per_s: float | None  # optimizer steps per second, per-epoch evaluation included
-    curve: list[list[float]]  # [step, validation top-1] after each epoch
+    curve: list[list[float]]  # [step, score] after each epoch
     loss: list[list[float]]  # [step, training loss] every 20 steps (running mean within the epoch)
     date: str = ""  # when and where it trained: a report regenerated elsewhere still says so
     machine: str = ""
@@ -41,6 +47,12 @@ class VariantResult:
     params: int
     note: str
     runs: list[RunResult]
+
+    @property
+    def minutes_per_run(self) -> float | None:
+        """Mean wall time of the runs that trained in one go (a resumed run's is not known)."""
+        measured = [run.seconds for run in self.runs if run.seconds]
+        return statistics.fmean(measured) / 60 if measured else None
 
     @property
     def finals(self) -> list[float]:
@@ -108,7 +120,7 @@ class _Gap:
     noise: float
 
     @classmethod
-    def between(cls, a: VariantResult, b: VariantResult, val_images: int) -> _Gap:
+    def between(cls, a: VariantResult, b: VariantResult, val_images: int | None) -> _Gap:
         better, worse = (a, b) if a.mean >= b.mean else (b, a)
         return cls(better, worse, better.mean - worse.mean, _noise_level(a, b, val_images))
 
@@ -120,9 +132,12 @@ class _Gap:
         return f"a gap of {100 * self.gap:.2f} points against a noise level of {100 * self.noise:.2f}"
 
 
-def _noise_level(a: VariantResult, b: VariantResult, val_images: int) -> float:
+def _noise_level(a: VariantResult, b: VariantResult, val_images: int | None) -> float:
     """The larger of the two seed standard deviations and the standard error of a difference of two accuracies
-    on ``val_images`` images. With one seed only the latter is known, and seed-to-seed noise is not counted."""
+    on ``val_images`` images. With one seed only the latter is known, and seed-to-seed noise is not counted.
+    ``val_images`` None: the score is not a proportion of images (mIoU), and only the seeds' spread counts."""
+    if val_images is None:
+        return max(a.std, b.std)
     sampling = math.sqrt(sum(v.mean * (1 - v.mean) for v in (a, b)) / max(val_images, 1))
     return max(a.std, b.std, sampling)
 
@@ -137,7 +152,7 @@ def _capitalised(text: str) -> str:
 
 # --- the judges ------------------------------------------------------------------------------------
 
-def _judge_best(variants: list[VariantResult], expected_key: str, val_images: int) -> tuple[str, str]:
+def _judge_best(variants: list[VariantResult], expected_key: str, val_images: int | None) -> tuple[str, str]:
     """Whether the variant the paper favours ends best, beyond the noise."""
     ranking = sorted(variants, key=lambda v: v.mean, reverse=True)
     expected = next(v for v in variants if v.key == expected_key)
@@ -219,9 +234,25 @@ def _judge_inception(variants: list[VariantResult], val_images: int,
     return outcome, text
 
 
+def _judge_decoder(variants: list[VariantResult], val_images: int, full_size: dict | None = None) -> tuple[str, str]:
+    """DeepLabV3+ against DeepLabV3 beyond the seeds' spread (mIoU is no proportion of images: no sampling term),
+    then each other factor's difference from the baseline."""
+    baseline, no_decoder, *factors = variants
+    outcome, text = _judge_best([baseline, no_decoder], baseline.key, None)
+    if factors:
+        parts = []
+        for factor in factors:
+            gap = _Gap.between(factor, baseline, None)
+            where = "beyond" if gap.significant else "within"
+            parts.append(f"{factor.label} {100 * (factor.mean - baseline.mean):+.2f} points ({where} the noise of "
+                         f"{100 * gap.noise:.2f})")
+        text += f" Against the baseline: {'; '.join(parts)}."
+    return outcome, text
+
+
 _JUDGES: dict[str, Callable[[list[VariantResult], int, dict | None], tuple[str, str]]] = {
     "activation": _judge_activation, "residual": _judge_residual, "spectrum": _judge_spectrum,
-    "order": _judge_order, "inception": _judge_inception,
+    "order": _judge_order, "inception": _judge_inception, "decoder": _judge_decoder,
 }
 
 CAVEATS = {
@@ -240,10 +271,30 @@ CAVEATS = {
                  "modules), not Inception V3; both train with the compact recipe, tuned for Xception, whereas the "
                  "paper tuned its recipe for Inception V3. The full-size speeds come from a few training steps at "
                  "batch 8 on this CPU, not from 60 K80 GPUs.",
+    "decoder": "The paper fine-tunes pretrained backbones on PASCAL VOC 2012 and Cityscapes at 513-pixel crops; "
+               "here a narrow Xception trains from scratch for a few minutes, when the decoder's sharper boundaries "
+               "may matter less than what the encoder has yet to learn. The noise is the seeds' spread only: mIoU "
+               "over a fixed validation set has no simple sampling error, and the factors' fewer seeds make their "
+               "differences rougher than the decoder's.",
 }
 
 
-def _scale_caveat(settings: ExperimentSettings, info: DataInfo, params: int) -> str:
+def _segmentation_scale_caveat(settings: SegmentationSettings, info: SegmentationDataInfo, params: int) -> str:
+    text = (f"Small scale: the folder {info.data}, {info.train_images:,} training and {info.val_images:,} validation "
+            f"images (scored at full resolution), a network of about {params:,} parameters trained from scratch for "
+            f"{plural(settings.epochs, 'epoch')} on {info.crop_size}-pixel crops, the decoder's variants with "
+            f"{plural(settings.seeds, 'seed')} and the other factors with "
+            f"{plural(settings.seeds_for(fewer=True), 'seed')}.")
+    if settings.seeds == 1:
+        text += " One seed: no noise is measured, and any gap counts; the outcome is tentative."
+    if settings.quick:
+        text += " Quick run: a subset and a few steps, a smoke test of the pipeline rather than evidence."
+    return text
+
+
+def _scale_caveat(settings: ExperimentSettings | SegmentationSettings, info: DataInfo, params: int) -> str:
+    if isinstance(settings, SegmentationSettings) and isinstance(info, SegmentationDataInfo):
+        return _segmentation_scale_caveat(settings, info, params)
     data = "Fashion-MNIST (28x28 grayscale)" if info.data == "fashion-mnist" else f"the folder {info.data}"
     text = (f"Small scale: {data}, {info.train_images:,} training and {info.val_images:,} validation images, a network "
             f"of about {params:,} parameters trained for {plural(settings.epochs, 'epoch')} with "
@@ -257,8 +308,8 @@ def _scale_caveat(settings: ExperimentSettings, info: DataInfo, params: int) -> 
     return text
 
 
-def judge_experiment(name: str, variants: list[VariantResult], settings: ExperimentSettings, info: DataInfo,
-                     full_size: dict[str, Any] | None = None) -> Verdict:
+def judge_experiment(name: str, variants: list[VariantResult], settings: ExperimentSettings | SegmentationSettings,
+                     info: DataInfo, full_size: dict[str, Any] | None = None) -> Verdict:
     """The verdict on experiment ``name`` from its variants' results (in the order the experiment lists them): a
     gap counts only beyond the noise, and an outcome from one seed is marked tentative."""
     outcome, text = _JUDGES[name](variants, info.val_images, full_size)
