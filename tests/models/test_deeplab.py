@@ -108,19 +108,38 @@ def test_regular_convolutions_without_separable() -> None:
         assert model(torch.randn(1, 3, 66, 70)).shape == (1, 5, 66, 70)
 
 
-def test_decoder_uses_the_stride_4_features() -> None:
-    """The logits change when only the stride-4 map changes (via its projection's weights); DeepLabV3 has no
-    such branch, and its output at stride 16 is smooth."""
+def test_decoder_uses_the_stride_4_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepLabV3+ asks the backbone for its stride-4 map, and its logits change when only that map changes;
+    DeepLabV3 never asks for it."""
     model = small("deeplabv3plus_xception")
     x = torch.randn(1, 3, 80, 72)
+    original = model.backbone.forward_intermediates
+    requested, shift = [], {"value": 0.0}
+
+    def forward_intermediates(images, indices, **kwargs):
+        requested.append(list(indices))
+        final, maps = original(images, indices, **kwargs)
+        return final, [feature + shift["value"] for feature in maps]
+
+    monkeypatch.setattr(model.backbone, "forward_intermediates", forward_intermediates)
     with torch.no_grad():
         before = model(x)
-        _, (low,) = model.backbone.forward_intermediates(x, [model.low_level_index])
-        assert low.shape[-2:] == (20, 18)
-        assert low.shape[1] == model.backbone.feature_info[model.low_level_index]["num_chs"]
-        model.decoder.low_level.conv.weight.mul_(-1)
-        assert not torch.allclose(model(x), before)
+        assert torch.equal(model(x), before)
+        shift["value"] = 0.5
+        after = model(x)
+    assert requested == [[model.low_level_index]] * 3
+    info = model.backbone.feature_info[model.low_level_index]
+    assert info["reduction"] == 4 and info["num_chs"] == model.decoder.low_level.conv.in_channels
+    assert not torch.allclose(after, before)
+
     v3 = small("deeplabv3_xception")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("DeepLabV3 has no decoder and needs no intermediate map")
+
+    monkeypatch.setattr(v3.backbone, "forward_intermediates", refuse)
+    with torch.no_grad():
+        assert v3(x).shape == (1, 5, 80, 72)
     assert v3.decoder is None and not any("decoder" in name for name, _ in v3.named_parameters())
 
 
