@@ -1,0 +1,208 @@
+"""The recorded CamVid run (issue #14): the camvid recipe (DeepLabV3+ on a narrow Xception, from scratch) trained
+for a fixed budget of minutes on this machine, then its best checkpoint (else its last) evaluated on the val split
+at the full 480x360.
+
+    python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
+
+Trains through :func:`xception.training.train` (what ``xception segment train`` runs) and evaluates through
+:func:`xception.inference_segmentation.evaluate_segmenter` (what ``xception segment eval`` runs). Writes, in
+``--results`` (default benchmarks/results):
+
+- ``camvid.json``: date, machine, command, minutes and steps of training, epochs, mIoU, pixel accuracy, per-class
+  IoU by name (and the same with ``--tta``: flip and multi-scale inference), and the val mIoU after each epoch
+  against the minutes of training (measured by the loop, in the recipe's precision, at full resolution);
+- ``camvid_predictions.png``: a few val images, their ground truth and the prediction, in the palette of
+  ``xception segment predict``;
+- ``camvid_curve.png``: val mIoU against minutes of training;
+
+and prints the per-class IoU as a markdown table for the README. ``--smoke`` takes the same path in seconds (4
+training images, 2 for the per-epoch evaluation, 80-pixel crops, batches of 2, 2 epochs) and writes its results
+into ``OUTPUT/results`` rather than benchmarks/results, unless ``--results`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xception.data import SampleKey, SegmentationDataset, SegmentationEvalTransform
+from xception.errors import InvalidArgumentError
+from xception.experiments.report import machine_description, today
+from xception.files import save_figure, write_text_atomic
+from xception.inference_segmentation import LoadedSegmenter, evaluate_segmenter, load_segmenter
+from xception.training import TrainConfig, train
+from xception.training.segmentation_metrics import segment
+
+ROOT = Path(__file__).resolve().parent
+CAMVID = ROOT.parent.parent / "shared" / "datasets" / "camvid"  # ../shared/datasets/camvid from the repository
+RECIPE = "camvid"
+TARGET_MIOU = 0.65  # issue #14: at least 65% on val within 30 minutes of training on this machine
+SMOKE = {"train_subset": 4, "val_subset": 2, "img_size": 80, "batch_size": 2, "epochs": 2}
+FIGURE_IMAGES = 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=CAMVID, help="a folder in the segmentation layout "
+                                                                  "(default: ../shared/datasets/camvid)")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="training budget, evaluation after each "
+                                                                        "epoch included (default 30)")
+    parser.add_argument("--output", type=Path, default=Path("runs/camvid"), help="the run folder; must hold no run")
+    parser.add_argument("--results", type=Path, help="where the JSON and figures go (default: benchmarks/results; "
+                                                     "with --smoke, OUTPUT/results)")
+    parser.add_argument("--epochs", type=int, help="the recipe's epochs, overridden (its poly schedule ends there)")
+    parser.add_argument("--crop-size", type=int, help="the recipe's training crop, overridden")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tta", action="store_true", help="also evaluate with flip and multi-scale inference")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of the final evaluation")
+    parser.add_argument("--smoke", action="store_true", help="the same path on a few images in seconds: a test")
+    return parser.parse_args(argv)
+
+
+def training_config(args: argparse.Namespace) -> TrainConfig:
+    """What ``xception segment train --recipe camvid`` gets for this run (``--smoke``: tiny sizes)."""
+    sizes = dict(SMOKE) if args.smoke else {}
+    if args.epochs is not None:
+        sizes["epochs"] = args.epochs
+    if args.crop_size is not None:
+        sizes["img_size"] = args.crop_size
+    return TrainConfig(task="segmentation", data=str(args.data), recipe=RECIPE, output=args.output,
+                       max_minutes=args.max_minutes, seed=args.seed, progress=not args.smoke, **sizes)
+
+
+def evaluate(loaded: LoadedSegmenter, args: argparse.Namespace, tta: bool) -> dict[str, Any]:
+    metrics = evaluate_segmenter(loaded, args.data, "val", tta=tta, precision=args.precision,
+                                 confusion_png=args.output / f"confusion-val{'-tta' if tta else ''}.png")
+    return {key: metrics[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "images", "skipped")}
+
+
+def plot_predictions(loaded: LoadedSegmenter, data: Path, path: Path, *, count: int = FIGURE_IMAGES,
+                     precision: str = "fp32") -> Path:
+    """Rows of val images: the image, its ground truth and the prediction, in ``segment predict``'s colours (black:
+    unlabelled), with the palette as a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    dataset = SegmentationDataset.from_folder(data, "val", SegmentationEvalTransform(),
+                                              ignore_index=loaded.ignore_index)
+    indices = sorted({round(i) for i in np.linspace(0, len(dataset) - 1, min(count, len(dataset)))})
+    palette = loaded.palette
+    figure, axes = plt.subplots(len(indices), 3, figsize=(12, 3.2 * len(indices)), squeeze=False)
+    for row, index in zip(axes, indices, strict=True):
+        image, mask = dataset[SampleKey(0, index)]
+        with torch.no_grad():
+            batch = image[None].contiguous(memory_format=torch.channels_last)
+            prediction = segment(loaded.model, batch, precision=precision).argmax(1)[0]
+        truth = np.zeros((*mask.shape, 3), np.uint8)
+        labelled = mask.numpy() != loaded.ignore_index
+        truth[labelled] = palette[mask.numpy()[labelled]]
+        pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        name = dataset.pairs[index][0].name
+        for axis, picture, title in zip(row, (pixels, truth, palette[prediction.numpy()]),
+                                        (name, "ground truth", "prediction"), strict=True):
+            axis.imshow(picture)
+            axis.set_title(title, fontsize=9)
+            axis.axis("off")
+    handles = [Patch(color=np.asarray(colour) / 255, label=name) for name, colour in zip(loaded.classes, palette,
+                                                                                          strict=True)]
+    figure.legend(handles=[*handles, Patch(color="black", label="unlabelled")], loc="lower center",
+                  ncol=min(6, len(handles) + 1), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(figure, path)
+
+
+def plot_curve(curve: list[dict[str, Any]], path: Path, max_minutes: float) -> Path:
+    """Val mIoU after each epoch against the minutes of training, with the issue's target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([r["minutes"] for r in curve], [100 * r["miou"] for r in curve], marker="o", markersize=3,
+              label="val mIoU (full resolution)")
+    axis.axhline(100 * TARGET_MIOU, color="grey", linestyle="--", linewidth=1, label="target: 65% in 30 minutes")
+    axis.set(xlabel="minutes of training (evaluation included)", ylabel="val mIoU (%)",
+             title=f"CamVid: camvid recipe, {max_minutes:g}-minute budget", xlim=(0, None))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def iou_table(result: dict[str, Any]) -> str:
+    """The per-class IoU (and with --tta, beside it) as markdown, mIoU and pixel accuracy last."""
+    tta = result["tta"]
+    header = "| class | IoU (val, 480x360) |" + (" with flip and multi-scale |" if tta else "")
+    lines = [header, "|---|---:|" + ("---:|" if tta else "")]
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    for name, iou in result["per_class_iou"].items():
+        lines.append(f"| {name} | {cell(iou)} |" + (f" {cell(tta['per_class_iou'][name])} |" if tta else ""))
+    for label, key in (("**mIoU**", "miou"), ("pixel accuracy", "pixel_accuracy")):
+        lines.append(f"| {label} | {cell(result[key])} |" + (f" {cell(tta[key])} |" if tta else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/camvid.py", *(sys.argv[1:] if argv is None else argv)])
+    results = args.results or (args.output / "results" if args.smoke else ROOT / "results")
+    if (args.output / "last.safetensors").exists():
+        raise InvalidArgumentError(f"{args.output} already holds a run; the recorded run starts from scratch: give "
+                                   "another --output or remove it")
+    config = training_config(args)
+    recipe = config.resolved_recipe()
+    started = time.monotonic()
+    trained = train(config)
+    minutes = (time.monotonic() - started) / 60
+    history = trained["history"]
+    loaded = load_segmenter(args.output)
+    plain = evaluate(loaded, args, tta=False)
+    result = {
+        "date": today(), "machine": machine_description(), "command": command, "smoke": args.smoke,
+        "data": str(args.data), "output": str(args.output), "recipe": asdict(recipe),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()), "max_minutes": args.max_minutes,
+        "minutes": round(minutes, 2), "steps": trained["steps"], "epochs": trained["epochs"],
+        "stopped": trained["stopped"],
+        "checkpoint": "best" if (args.output / "best.safetensors").exists() else "last",
+        "best_epoch": max(history, key=lambda r: r["val_miou"])["epoch"] if history else None,
+        "evaluation_precision": args.precision, **plain,
+        "tta": evaluate(loaded, args, tta=True) if args.tta else None,
+        # The loop's evaluation after each epoch, in the recipe's precision (autocast), on the whole val split
+        # (--smoke: its first images).
+        "curve_precision": recipe.precision,
+        "curve": [{"epoch": r["epoch"], "step": r["step"], "minutes": round(r["minutes"], 3), "miou": r["val_miou"],
+                   "pixel_accuracy": r["val_pixel_accuracy"]} for r in history],
+    }
+    write_text_atomic(results / "camvid.json", json.dumps(result, indent=2) + "\n")
+    plot_predictions(loaded, args.data, results / "camvid_predictions.png", precision=args.precision)
+    if history:
+        plot_curve(result["curve"], results / "camvid_curve.png", args.max_minutes)
+    print(iou_table(result))
+    print(f"\nCamVid val mIoU {100 * result['miou']:.1f}% ({result['checkpoint']} checkpoint, epoch "
+          f"{result['best_epoch']}) after {minutes:.1f} minutes of training, {result['steps']} steps, "
+          f"{result['epochs']} epochs ({result['stopped']}); {result['machine']}")
+    if trained["stopped"] != "finished":
+        print(f"note: the run stopped before the recipe's {recipe.epochs} epochs, so its poly schedule did not reach "
+              "its end; fewer --epochs would fit the budget")
+    print(f"results: {results / 'camvid.json'}, camvid_predictions.png, camvid_curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""benchmarks/camvid.py, the recorded CamVid run: its --smoke takes the whole path (train through the library, the
+evaluation of ``xception segment eval``, the JSON, both figures, the README table) in seconds on a tiny folder in
+CamVid's layout (tests/segmentation_samples.py), and never writes into benchmarks/results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from segmentation_samples import CLASSES, write_segmentation_folder
+
+from xception.cli import main as xception_main
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+RECORDED = ("camvid.json", "camvid_predictions.png", "camvid_curve.png")
+
+
+@pytest.fixture(scope="module")
+def camvid():
+    spec = importlib.util.spec_from_file_location("camvid_benchmark", ROOT / "benchmarks" / "camvid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recorded_files() -> dict[str, bytes | None]:
+    return {name: (RESULTS / name).read_bytes() if (RESULTS / name).exists() else None for name in RECORDED}
+
+
+def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
+    before = recorded_files()
+    # 96x104: --tta's 0.75 scale stays above the model's minimum input of 65 pixels
+    data = write_segmentation_folder(tmp_path / "scenes", train=6, val=3, size=(96, 104))
+    run = tmp_path / "run"
+    assert camvid.main(["--smoke", "--data", str(data), "--output", str(run), "--tta"]) == 0
+    printed = capsys.readouterr().out
+    assert recorded_files() == before  # the recorded run's files are untouched
+
+    results = run / "results"
+    result = json.loads((results / "camvid.json").read_text())
+    assert result["command"] == f"python benchmarks/camvid.py --smoke --data {data} --output {run} --tta"
+    assert result["smoke"] and result["recipe"]["name"] == "camvid" and result["recipe"]["img_size"] == 80
+    assert (result["steps"], result["epochs"], result["stopped"], result["checkpoint"]) == (4, 2, "finished", "best")
+    assert result["date"] and "cores" in result["machine"] and result["parameters"] > 1_000_000
+    assert [point["epoch"] for point in result["curve"]] == [1, 2]
+    assert 0 < result["curve"][0]["minutes"] < result["curve"][1]["minutes"] <= result["minutes"]
+    assert result["best_epoch"] in (1, 2) and result["curve_precision"] == "bf16"
+    assert list(result["per_class_iou"]) == list(CLASSES) == list(result["tta"]["per_class_iou"])
+    assert result["images"] == 3 and 0 <= result["miou"] <= 1 and 0 <= result["tta"]["miou"] <= 1
+
+    # The numbers are those `xception segment eval` reports for the same run.
+    assert xception_main(["segment", "eval", "--checkpoint", str(run), "--data", str(data), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["miou"] == pytest.approx(result["miou"], abs=1e-9)
+    assert evaluated["per_class_iou"] == result["per_class_iou"]
+
+    with Image.open(results / "camvid_predictions.png") as figure:
+        assert figure.size == (1200, 960)  # 3 rows (images) of image, ground truth, prediction
+    with Image.open(results / "camvid_curve.png") as figure:
+        assert figure.size == (700, 400)
+    assert "| class | IoU (val, 480x360) | with flip and multi-scale |" in printed
+    for name in CLASSES:
+        assert f"| {name} | " in printed
+    assert f"| **mIoU** | {100 * result['miou']:.1f} | {100 * result['tta']['miou']:.1f} |" in printed
+
+
+def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds a run"):
+        camvid.main(["--smoke", "--data", str(tmp_path / "missing"), "--output", str(run)])
