@@ -151,8 +151,8 @@ def test_export_records_the_weights_preprocessing(tmp_path: Path, recorder: Reco
 
     import xception.deploy
 
-    def export_onnx(model: nn.Module, path: Path, *, img_size: int) -> Path:  # the graph is deploy's business
-        assert model is recorder and img_size == 299  # the weights' crop size
+    def export_onnx(model: nn.Module, path: Path, *, img_size: int, dynamic_size: bool) -> Path:  # deploy's business
+        assert model is recorder and img_size == 299 and not dynamic_size  # the weights' crop size, classification
         graph = helper.make_graph([helper.make_node("Identity", ["images"], ["output"])], "stub",
                                   [helper.make_tensor_value_info("images", TensorProto.FLOAT, None)],
                                   [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
