@@ -362,7 +362,7 @@ def add_experiment_command(commands: Any) -> None:
                                                               "decoder: its other factors run 2 at most)")
     experiment.add_argument("--quick", action="store_true",
                             help="one seed and a subset of the data: about 10 minutes, a smoke test, not evidence")
-    experiment.add_argument("--epochs", type=at_least(1), help="epochs per run (default 3; decoder: 2)")
+    experiment.add_argument("--epochs", type=at_least(1), help="epochs per run (default 3)")
     experiment.add_argument("--output", type=Path, default=Path("runs/experiments"),
                             help="runs, curves, tables and JSON go here; finished runs in it are reused")
     experiment.add_argument("--docs", type=Path, help="also write DOCS/paper-reproduction.md and DOCS/figures/")

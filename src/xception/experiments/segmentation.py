@@ -22,22 +22,19 @@ CAMVID = "../shared/datasets/camvid"  # relative to where the command runs: the 
 @dataclass(frozen=True)
 class SegmentationSettings:
     """How much each variant of a segmentation experiment trains. The defaults are the full run, sized for about 3
-    minutes per baseline run on this project's 2-core machine (from a few training steps of the camvid recipe timed
-    on the busy machine, 3.6-8.5 s per batch of 8 crops of 320 pixels and 0.44 s per 480x360 validation image,
-    scaled by the multiply-adds); :data:`SEGMENTATION_QUICK` is ``--quick``."""
+    minutes per baseline run on this project's 2-core machine: the first epochs of a camvid run there (45 steps of 8
+    crops of 320 pixels, then the val split at full resolution) took about a minute each.
+    :data:`SEGMENTATION_QUICK` is ``--quick``."""
 
     data: str = CAMVID  # a folder in the segmentation layout
     seeds: int = 3  # runs of each variant of the claim (DeepLabV3+ and DeepLabV3), seeds 0..seeds-1
     # Runs of each other factor (backbone, output stride, crop): fewer, so that five variants fit about half an hour;
     # their differences are read against the baseline's seed spread.
     factor_seeds: int = 2
-    # The camvid recipe's warm-up (1 epoch) and poly schedule are fitted to this many epochs; each ends with an
-    # evaluation of the whole val split at full resolution (about 40 s on CamVid), hence few and full epochs.
-    epochs: int = 2
+    epochs: int = 3  # the camvid recipe's warm-up (1 epoch) and poly schedule are fitted to this many
     batch_size: int | None = None  # None: the camvid recipe's (8)
-    # The baseline's training crop: the recipe's 320 would take about 4.5 minutes per run; None: the recipe's.
-    crop_size: int | None = 192
-    small_crop_size: int = 128  # the smaller-crop variant's
+    crop_size: int | None = None  # the baseline's training crop; None: the camvid recipe's (320)
+    small_crop_size: int = 240  # the smaller-crop variant's
     train_subset: int | None = None  # first N training images only
     val_subset: int | None = None  # first N validation images only (each scored at full resolution)
     quick: bool = False  # labels the results as a smoke test rather than evidence
