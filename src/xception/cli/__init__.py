@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
 from ..models import list_models
+from .results import report_file_results
 from .segment import add_segment_command
 from .share import add_push_command
 
@@ -207,17 +208,8 @@ def command_predict(args: argparse.Namespace) -> int:
         batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
         loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
     results = predict(loaded, args.inputs, top_k=args.top_k, batch_size=PREDICT_BATCH)
-    if not results:
-        raise InvalidArgumentError(f"no images found in {' '.join(map(str, args.inputs))}")
-    for result in results:
-        if args.json:
-            print(json.dumps(result))
-        elif "error" in result:
-            print(f"{result['file']}: error: {result['error']}", file=sys.stderr)
-        else:
-            best = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in result["predictions"])
-            print(f"{result['file']}: {best}")
-    return 1 if any("error" in result for result in results) else 0
+    return report_file_results(results, args.inputs, as_json=args.json, describe=lambda result: ", ".join(
+        f"{p['class']} {p['probability']:.3f}" for p in result["predictions"]))
 
 
 def command_experiment(args: argparse.Namespace) -> int:

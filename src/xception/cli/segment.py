@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgumentError
 from ..models import list_models
+from .results import report_file_results
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -62,16 +61,8 @@ def command_predict(args: argparse.Namespace) -> int:
 
     results = predict_masks(load_segmenter(args.checkpoint), args.inputs, args.output, tta=args.tta,
                             precision=args.precision)
-    if not results:
-        raise InvalidArgumentError(f"no images found in {' '.join(map(str, args.inputs))}")
-    for result in results:
-        if args.json:
-            print(json.dumps(result))
-        elif "error" in result:
-            print(f"{result['file']}: error: {result['error']}", file=sys.stderr)
-        else:
-            print(f"{result['file']}: {result['mask']}, {result['overlay']}")
-    return 1 if any("error" in result for result in results) else 0
+    return report_file_results(results, args.inputs, as_json=args.json,
+                               describe=lambda result: f"{result['mask']}, {result['overlay']}")
 
 
 def add_segment_command(commands: Any) -> None:
