@@ -230,15 +230,18 @@ def test_hub_repository_loads_as_a_model_and_as_weights_pinned_by_revision(run_d
 
 
 def test_training_starts_from_hub_weights(run_dir: Path, tmp_path: Path, stand_in: HubStandIn) -> None:
-    """xception train --weights hf-hub:...: the run's model starts from the repository's weights."""
+    """xception train --weights hf-hub:...: the run's model starts from the repository's weights, in the
+    repository's architecture (no --model or --set needed, as for a run folder)."""
     from xception.training.finetune import build_model
 
     folder = xception.save_pretrained(run_dir, tmp_path / "shared")
     publish_folder(stand_in, "me/fashion", folder)
-    config = TrainConfig(output=tmp_path / "again", model_options=TINY, weights="hf-hub:me/fashion", epochs=1,
+    config = TrainConfig(output=tmp_path / "again", weights="hf-hub:me/fashion", epochs=1,
                          batch_size=32, train_subset=64, val_subset=64, progress=False)
-    started = build_model(config.weights, config.resolved_recipe(), TINY, num_classes=10, in_chans=1)
+    started = build_model(config.weights, config.resolved_recipe(), {}, num_classes=10, in_chans=1)
     assert_same_state(started, xception.from_pretrained(folder))
+    local = build_model(str(folder), config.resolved_recipe(), {}, num_classes=10, in_chans=1)
+    assert_same_state(local, started)
     assert train(config)["epochs"] == 1
 
 

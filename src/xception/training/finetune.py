@@ -17,6 +17,8 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..models import create_model
 from ..weights import load_weights
+from ..weights.download import WeightsUnavailableError, parse_hub_spec
+from ..weights.pretrained import is_pretrained_folder, pretrained_folder, read_pretrained
 from .checkpoint import read_architecture
 from .recipes import Recipe
 
@@ -25,20 +27,42 @@ HEAD = "head."
 
 def build_model(weights: str | None, recipe: Recipe, model_options: dict[str, Any], num_classes: int,
                 in_chans: int) -> nn.Module:
-    """The model to train: the recipe's (with ``model_options``), or a finished run's architecture when
-    ``weights`` is a run folder; then the pretrained ``weights`` loaded into it, the classifier new where the class
-    count differs."""
+    """The model to train: the recipe's (with ``model_options``), or the architecture that comes with ``weights``
+    (a run folder, a save_pretrained folder or Hub repository: see :func:`saved_architecture`); then the pretrained
+    ``weights`` loaded into it, the classifier new where the class count differs."""
     name, options = recipe.model, {**recipe.model_options, **model_options}
-    if weights is not None and Path(weights).is_dir():
-        name, architecture = read_architecture(Path(weights))
-        # The run's architecture; the data decides the classes and the channels; the recipe the dropout.
+    saved = saved_architecture(weights) if weights is not None else None
+    if saved is not None:
+        name, architecture, weights = saved
+        # The saved architecture; the data decides the classes and the channels; the recipe the dropout.
         options = {key: value for key, value in architecture.items()
                    if key not in ("num_classes", "in_chans", "drop_rate", "drop_path_rate")}
-        weights = str(run_weights(Path(weights)))
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, drop_rate=recipe.drop_rate, **options)
     if weights is not None:
         load_weights(model, weights, new_head=True)
     return model
+
+
+def saved_architecture(weights: str) -> tuple[str, dict[str, Any], str] | None:
+    """The model name, architecture and weight file of weights that carry their architecture: a training run
+    folder, a folder written by save_pretrained, or such a folder on the Hub (``hf-hub:org/name``); None for
+    weights that do not (a registered name, a weight file, a Hub repository of another library)."""
+    on_hub = parse_hub_spec(weights) is not None
+    if not on_hub and not Path(weights).is_dir():
+        return None
+    if not on_hub and not is_pretrained_folder(weights):
+        name, architecture = read_architecture(Path(weights))  # a training run
+        return name, architecture, str(run_weights(Path(weights)))
+    try:
+        folder = pretrained_folder(weights)
+    except WeightsUnavailableError:
+        # No config.json there (or no network): the weights go into the recipe's model, and loading them gives
+        # the download's own error if they cannot be fetched either.
+        return None
+    if not is_pretrained_folder(folder):  # e.g. a timm repository: its config.json is timm's
+        return None
+    config, file = read_pretrained(folder)
+    return config.model, config.architecture, str(file)
 
 
 def run_weights(folder: Path) -> Path:
