@@ -25,7 +25,7 @@ from .data.datasets import resolve_class
 from .data.transforms import ImageError
 from .errors import InvalidArgumentError
 from .files import atomic_path
-from .inference import LoadedModel, class_entry, image_files, preprocess_file
+from .inference import LoadedModel, class_entry, image_files, preprocess_file, unique_stem
 
 OVERLAY_ALPHA = 0.5  # weight of the heatmap in the overlay; the image keeps the rest
 COLORMAP = "jet"
@@ -139,16 +139,6 @@ def model_pixels(loaded: LoadedModel, tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.float() * std + mean).clamp(0, 1)
 
 
-def output_name(path: Path, taken: set[str]) -> str:
-    """``<stem>.gradcam.png``, numbered where two inputs share a stem (files of the same name in two folders)."""
-    name, number = f"{path.stem}.gradcam.png", 1
-    while name in taken:
-        number += 1
-        name = f"{path.stem}-{number}.gradcam.png"
-    taken.add(name)
-    return name
-
-
 def explain_files(loaded: LoadedModel, files: Iterable[str | Path], output_dir: str | Path,
                   target: int | str | None = None, stage: int = -1) -> list[dict[str, Any]]:
     """Grad-CAM overlays of image files (folders: the images inside) written to ``output_dir`` as PNG.
@@ -174,7 +164,7 @@ def explain_files(loaded: LoadedModel, files: Iterable[str | Path], output_dir: 
         heatmaps, logits = grad_cam(cam_model, tensor.unsqueeze(0), target_index)
         probabilities = logits[0].float().softmax(dim=0)
         explained = int(probabilities.argmax()) if target_index is None else target_index
-        destination = output_dir / output_name(path, taken)
+        destination = output_dir / f"{unique_stem(path, taken)}.gradcam.png"
         with atomic_path(destination, suffix=".png") as temporary:
             overlay(model_pixels(loaded, tensor), heatmaps[0]).save(temporary, format="PNG")
         results.append({"file": str(path), "predicted": class_entry(loaded, probabilities, int(probabilities.argmax())),

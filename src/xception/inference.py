@@ -189,6 +189,17 @@ def image_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
+def unique_stem(path: Path, used: set[str]) -> str:
+    """The file's stem for the outputs made from it, numbered where two inputs share one (photos/a.jpg and
+    more/a.png): explain's overlays and segment predict's masks."""
+    stem, number = path.stem, 1
+    while stem in used:
+        number += 1
+        stem = f"{path.stem}-{number}"
+    used.add(stem)
+    return stem
+
+
 def class_entry(loaded: LoadedModel, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
     """One class of a result: ``{"class", "index", "probability"}``, as predict and explain report them."""
     return {"class": loaded.classes[index], "index": index, "probability": float(probabilities[index])}

@@ -25,7 +25,7 @@ from .data import IGNORE_INDEX, ResumableSampler, SegmentationCollate, Segmentat
 from .data.transforms import ImageError, open_image
 from .errors import InvalidArgumentError
 from .files import atomic_path
-from .inference import image_files, plot_confusion
+from .inference import image_files, plot_confusion, unique_stem
 from .models import create_model
 from .models.registry import model_task
 from .training.checkpoint import read_architecture
@@ -164,13 +164,3 @@ def predict_masks(loaded: LoadedSegmenter, inputs: Iterable[str | Path], output:
                         "classes": {name: round(float(share), 4) for name, share in zip(loaded.classes, counts,
                                                                                          strict=True) if share > 0}})
     return results
-
-
-def unique_stem(path: Path, used: set[str]) -> str:
-    """The file's stem, numbered where two inputs share one (photos/a.jpg and more/a.png)."""
-    stem, number = path.stem, 1
-    while stem in used:
-        number += 1
-        stem = f"{path.stem}-{number}"
-    used.add(stem)
-    return stem
