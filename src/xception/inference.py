@@ -29,6 +29,7 @@ from .errors import InvalidArgumentError
 from .files import atomic_path, save_figure
 from .models import create_model
 from .training.checkpoint import read_architecture
+from .training.finetune import run_weights
 from .training.metrics import evaluate
 from .weights import get_weights, imagenet_categories, parse_hub_spec
 from .weights.pretrained import is_pretrained_folder, pretrained_folder, read_pretrained
@@ -72,23 +73,24 @@ def preprocess_file(loaded: LoadedModel, path: str | Path) -> torch.Tensor:
     return loaded.preprocess(open_image(path, loaded.mode))
 
 
+def run_files(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The weights a checkpoint stands for and its run's config.json: a run folder's best weights (else its last)
+    and config ({} where it has none), or a weight file with no config."""
+    if path.is_dir():
+        config_path = path / "config.json"
+        return run_weights(path), json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if path.is_file():
+        return path, {}
+    raise FileNotFoundError(f"no run folder or weight file at {path}")
+
+
 def load_trained(checkpoint: str | Path) -> LoadedModel:
     """A run folder (its ``best`` weights, else ``last``, with the classes and image size of its config) or a
     weights file saved by this library. Its preprocessing is its recipe's evaluation transform."""
     path = Path(checkpoint)
     if is_pretrained_folder(path):
         return load_pretrained(path)
-    if path.is_dir():
-        weights = next((path / f"{n}.safetensors" for n in ("best", "last") if (path / f"{n}.safetensors").exists()),
-                       None)
-        if weights is None:
-            raise FileNotFoundError(f"{path} holds no best.safetensors or last.safetensors: is it a training run?")
-        config_path = path / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    elif path.is_file():
-        weights, config = path, {}
-    else:
-        raise FileNotFoundError(f"no run folder or weight file at {path}")
+    weights, config = run_files(path)
     model_name, architecture = read_architecture(weights)
     model = create_model(model_name, weights=weights, **architecture).eval().to(memory_format=torch.channels_last)
     recipe = config.get("recipe", {})

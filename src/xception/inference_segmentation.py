@@ -8,7 +8,6 @@ images at the full size, the multi-scale and flip inference of DeepLab (Chen et 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,10 @@ from .data import IGNORE_INDEX, ResumableSampler, SegmentationCollate, Segmentat
 from .data.transforms import ImageError, open_image
 from .errors import InvalidArgumentError
 from .files import atomic_path
-from .inference import image_files, plot_confusion, unique_stem
+from .inference import image_files, plot_confusion, run_files, unique_stem
 from .models import create_model
 from .models.registry import model_task
 from .training.checkpoint import read_architecture
-from .training.finetune import run_weights
 from .training.segmentation_metrics import evaluate_segmentation, segment
 
 TTA_SCALES = (0.75, 1.0, 1.25)
@@ -83,15 +81,7 @@ def load_segmenter(checkpoint: str | Path) -> LoadedSegmenter:
     """A segmentation run folder (its best weights, else its last, with the classes and ignore index of its
     config.json) or a segmentation weight file saved by this library."""
     path = Path(checkpoint)
-    config: dict[str, Any] = {}
-    if path.is_dir():
-        weights = run_weights(path)
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-    elif path.is_file():
-        weights = path
-    else:
-        raise FileNotFoundError(f"no run folder or weight file at {path}")
+    weights, config = run_files(path)
     model_name, architecture = read_architecture(weights)
     if model_task(model_name) != "segmentation":
         raise InvalidArgumentError(f"{path} holds a {model_name}, a classification model: use xception eval or "
