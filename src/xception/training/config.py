@@ -72,6 +72,9 @@ class TrainConfig:
                                tasks=SEGMENTATION)
     freeze_epochs: int | None = option(None, "epochs that train the classifier alone, the rest frozen (default: "
                                              "the recipe's)", minimum=0, recipe=True, tasks=CLASSIFICATION)
+    freeze_lr_scale: float | None = option(None, "the learning rate of the classifier-alone epochs, as a multiple of "
+                                                 "the schedule's (default: the recipe's)", above=0, recipe=True,
+                                           tasks=CLASSIFICATION)
     layer_decay: float | None = option(None, "learning rate x this ** depth, depth in blocks from the classifier "
                                              "(default: the recipe's)", above=0, maximum=1, recipe=True,
                                        tasks=CLASSIFICATION)

@@ -48,6 +48,10 @@ class Recipe:
     precision: str = "fp32"  # autocast: "fp32", "bf16" (CPU with AVX-512 BF16/AMX, or CUDA) or "fp16" (CUDA)
     # Fine-tuning pretrained weights (see the "finetune" recipe):
     freeze_epochs: int = 0  # first train the classifier alone, the rest frozen with its BatchNorm in inference mode
+    # The head-only phase's rate as a multiple of the schedule's: a lone linear classifier on fixed features takes
+    # far larger steps than the whole network can (Keras's transfer-learning guide trains the head at 100x the
+    # rate of the full fine-tuning).
+    freeze_lr_scale: float = 1.0
     layer_decay: float | None = None  # learning rate x layer_decay ** depth, depth counted in blocks from the head
     freeze_bn: bool = False  # keep every BatchNorm's running statistics as they are (small data)
     mixup: float = 0.0  # MixUp's Beta(alpha, alpha) on each batch (Zhang et al. 2018); 0: off
@@ -59,6 +63,8 @@ class Recipe:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
         scheduler state and every rank agrees."""
         base = self.lr * global_batch_size / self.reference_batch_size
+        if step < self.freeze_epochs * steps_per_epoch:
+            base *= self.freeze_lr_scale
         warmup_steps = self.warmup_epochs * steps_per_epoch
         if step < warmup_steps:
             return base * (step + 1) / warmup_steps
@@ -106,14 +112,20 @@ RECIPES: dict[str, Recipe] = {
     "finetune": Recipe(
         name="finetune",
         source="transfer learning from pretrained weights: first the classifier alone on a frozen backbone with "
-               "BatchNorm in inference mode, then the whole network at a lower rate (Keras's transfer-learning "
-               "guide, keras.io/guides/transfer_learning, built on Xception; 'linear probe, then fine-tune'), with "
-               "layer-wise learning-rate decay from the head down (timm's layer_decay, after BEiT) and BatchNorm "
-               "statistics kept frozen for small data (keras-team/keras #9214)",
-        optimizer="adamw", lr=1e-3, reference_batch_size=64, weight_decay=0.05, schedule="cosine",
+               "BatchNorm in inference mode and at a higher rate, then the whole network at the lower one (Keras's "
+               "transfer-learning guide, keras.io/guides/transfer_learning, built on Xception; 'linear probe, then "
+               "fine-tune'), with layer-wise learning-rate decay from the head down (timm's layer_decay, after "
+               "BEiT); rates, decay and BatchNorm tuned on held-out training images of benchmarks/finetune.py's task",
+        # Measured on a held-out split of Fashion-MNIST's training images (the demo's task, one seed each): a head
+        # phase at the schedule's rate reached 73% where a logistic regression on the same frozen features reaches
+        # 92%, hence freeze_lr_scale 10; lr 1e-3 ended at 85.0% and 5e-3 at 93.6%; decay 0.7 gave 93.6, 0.85
+        # gave 94.3. BatchNorm statistics frozen cost 2.2 points (91.4 vs 93.6) because the new classes' statistics
+        # differ from the pretraining ones (sandals and bags after tops), so they adapt by default; --freeze-bn
+        # keeps them for data like the pretraining data in very small batches (keras-team/keras #9214).
+        optimizer="adamw", lr=5e-3, reference_batch_size=64, weight_decay=0.05, schedule="cosine",
         warmup_epochs=0.5, epochs=12, batch_size=32, img_size=299, augmentation="inception",
-        eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, freeze_epochs=3, layer_decay=0.7,
-        freeze_bn=True,
+        eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, freeze_epochs=3, freeze_lr_scale=10.0,
+        layer_decay=0.85, freeze_bn=False,
     ),
     # Starting values for CamVid (480x360 street scenes, 11 classes) on a 2-core CPU, from scratch; to be tuned
     # against the clock (issue #14's recorded run), so only the schedule and augmentation are the paper's.
