@@ -252,8 +252,9 @@ def test_every_train_flag_reaches_train_config() -> None:
 
     argv = ["train", "--data", "folder", "--recipe", "finetune", "--model", "xception41", "--set", "middle_repeats=4",
             "--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--img-size", "64", "--weights", "tf_in1k",
-            "--freeze-epochs", "1", "--freeze-lr-scale", "20", "--layer-decay", "0.8", "--no-freeze-bn", "--augment", "randaugment",
-            "--mixup", "0.2", "--cutmix", "1.0", "--random-erasing", "0.25", "--class-weights", "balanced",
+            "--freeze-epochs", "1", "--freeze-lr-scale", "20", "--layer-decay", "0.8", "--no-freeze-bn",
+            "--augment", "randaugment", "--mixup", "0.2", "--cutmix", "1.0", "--random-erasing", "0.25",
+            "--class-weights", "balanced",
             "--freeze", "^blocks\\.block1\\.", "--output", "out", "--resume", "--seed", "3", "--deterministic",
             "--workers", "2", "--precision", "bf16", "--no-channels-last", "--compile", "--max-minutes", "5",
             "--grad-accumulation", "2", "--clip-grad-norm", "1.5", "--drop-rate", "0.1", "--label-smoothing", "0.1",
