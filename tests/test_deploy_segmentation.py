@@ -34,7 +34,13 @@ SIZE = 66  # even: every TF-'same' max-pool of the example pads asymmetrically
 def tiny_model(**options) -> nn.Module:
     torch.manual_seed(0)
     model = xception.create_model("deeplabv3plus_xception", num_classes=4, **{**TINY, **options})
-    return calibrate_batch_norm(model, SIZE, model.classifier)
+    return calibrate_batch_norm(model, sized(SIZE, model), model.classifier)
+
+
+def sized(side: int, model: nn.Module) -> int:
+    """A side the network sees as ``side`` (odd stays odd there): ``input_scale`` 0.5 runs it at half size."""
+    factor = round(1 / model.input_scale)
+    return side * factor + factor - 1 if side % 2 else side * factor
 
 
 def test_folding_and_fp32_deploy_match_eager(one_thread) -> None:
@@ -74,14 +80,16 @@ def test_a_fixed_size_deployed_model_refuses_other_sizes_clearly() -> None:
         deployed(torch.ones(1, 3, 65, 97))
 
 
-def test_torch_export_with_dynamic_batch_and_size_matches_eager(one_thread) -> None:
+@pytest.mark.parametrize("input_scale", [1.0, 0.5])
+def test_torch_export_with_dynamic_batch_and_size_matches_eager(one_thread, input_scale: float) -> None:
     """One exported program serves every batch and size. The TF-'same' max-pools are switched to their
     shape-agnostic form first, as export_onnx does (their usual paths branch on the parity of each size, which
-    torch.export refuses to leave dynamic)."""
-    model = tiny_model()
-    example = torch.randn(2, 3, SIZE, SIZE)
-    dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("height", min=65, max=1024),
-            3: torch.export.Dim("width", min=65, max=1024)}
+    torch.export refuses to leave dynamic). ``input_scale`` 0.5: the resize to half size stays dynamic too."""
+    model = tiny_model(input_scale=input_scale)
+    example = torch.randn(2, 3, sized(SIZE, model), sized(SIZE, model))
+    minimum = model.min_input_size
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("height", min=minimum, max=2048),
+            3: torch.export.Dim("width", min=minimum, max=2048)}
     for pool in model.modules():
         if isinstance(pool, MaxPool2dSame):
             pool.shape_agnostic = True
@@ -89,25 +97,27 @@ def test_torch_export_with_dynamic_batch_and_size_matches_eager(one_thread) -> N
     for pool in model.modules():
         if isinstance(pool, MaxPool2dSame):
             pool.shape_agnostic = False  # the eager reference takes the usual paths
-    for shape in ((1, 3, 65, 97), (3, 3, SIZE, 80), (2, 3, 99, 67)):
-        x = torch.rand(*shape) * 2 - 1
+    for batch, height, width in ((1, 65, 97), (3, SIZE, 80), (2, 99, 67)):
+        x = torch.rand(batch, 3, sized(height, model), sized(width, model)) * 2 - 1
         with torch.no_grad():
-            assert relative_error(program(x), model(x)) <= 1e-5, shape
+            assert relative_error(program(x), model(x)) <= 1e-5, x.shape
 
 
-def segmentation_run(directory: Path) -> nn.Module:
+def segmentation_run(directory: Path, **options) -> nn.Module:
     """A run folder as training writes it: best.safetensors from the checkpoint writer, and config.json."""
-    model = tiny_model()
+    model = tiny_model(**options)
     state = TrainingState(0, 1, 0, None, model.state_dict(), None, {}, None, None, capture_rng_state(), {})
     save_checkpoint(directory, "best", state, architecture=model.architecture(), model_name=model.model_name)
-    (directory / "config.json").write_text(json.dumps({"recipe": {"img_size": SIZE}, "classes": list("abcd")}))
+    (directory / "config.json").write_text(json.dumps({"recipe": {"img_size": sized(SIZE, model)},
+                                                       "classes": list("abcd")}))
     return model
 
 
-def test_export_command_for_a_segmentation_checkpoint(tmp_path: Path, one_thread, capsys) -> None:
+@pytest.mark.parametrize("input_scale", [1.0, 0.5])
+def test_export_command_for_a_segmentation_checkpoint(tmp_path: Path, one_thread, capsys, input_scale: float) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = segmentation_run(tmp_path / "run")
+    model = segmentation_run(tmp_path / "run", input_scale=input_scale)
     output = tmp_path / "seg.onnx"
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(output)]) == 0
     printed = capsys.readouterr().out
@@ -117,11 +127,11 @@ def test_export_command_for_a_segmentation_checkpoint(tmp_path: Path, one_thread
     (images,) = session.get_inputs()
     assert images.shape[1] == 3 and not any(isinstance(side, int) for side in (images.shape[0], *images.shape[2:]))
     model.eval()
-    for shape in ((1, 3, 65, 97), (2, 3, 100, 70)):
-        x = torch.rand(*shape) * 2 - 1
+    for batch, height, width in ((1, 65, 97), (2, 100, 70)):
+        x = torch.rand(batch, 3, sized(height, model), sized(width, model)) * 2 - 1
         (result,) = session.run(None, {images.name: x.numpy()})
         with torch.no_grad():
-            assert relative_error(torch.from_numpy(result), model(x)) <= 1e-4, shape
+            assert relative_error(torch.from_numpy(result), model(x)) <= 1e-4, x.shape
     metadata = {entry.key: entry.value for entry in __import__("onnx").load(str(output)).metadata_props}
     preprocessing = json.loads(metadata["xception.preprocessing"])
     assert preprocessing["crop_size"] is None and preprocessing["mean"] == [0.5] * 3

@@ -49,6 +49,27 @@ def test_output_size_equals_input_size(head: str, output_stride: int) -> None:
             assert model(torch.randn(2, 3, height, width)).shape == (2, 5, height, width)
 
 
+def test_input_scale_runs_the_network_on_2x2_means_and_answers_at_full_size() -> None:
+    """At input_scale 0.5 the network sees only the mean of each 2x2 block: an image whose blocks are replaced by
+    their means gives the same logits. The logits still come back at the input's size, odd sizes included."""
+    model = small("deeplabv3plus_xception", input_scale=0.5)
+    full = small("deeplabv3plus_xception")
+    assert model.min_input_size == 2 * full.min_input_size
+    x = torch.randn(1, 3, 130, 194)
+    block_means = nn.functional.interpolate(nn.functional.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        assert not torch.equal(x, block_means)
+        torch.testing.assert_close(model(block_means), model(x), rtol=1e-4, atol=1e-5)
+        assert model(torch.randn(2, 3, 131, 197)).shape == (2, 5, 131, 197)
+        # The same weights at full scale answer differently: the option is not a no-op.
+        full.load_state_dict(model.state_dict())
+        assert not torch.allclose(full(x), model(x), atol=1e-3)
+    with pytest.raises(InvalidArgumentError, match=f"at least {model.min_input_size}x.*0.5 of the input"):
+        model(torch.randn(1, 3, full.min_input_size, 200))
+    rebuilt = xception.create_model(model.model_name, **model.architecture())
+    assert rebuilt.input_scale == 0.5
+
+
 def test_compact_configuration_output_size() -> None:
     model = xception.create_model("deeplabv3plus_xception", num_classes=11, **COMPACT, **SMALL_HEAD).eval()
     with torch.no_grad():

@@ -20,6 +20,7 @@ takes thousands of steps for the running statistics to settle.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -126,28 +127,34 @@ class DeepLab(nn.Module):
 
     ``forward(x)`` takes an NCHW batch of any size from :attr:`min_input_size` up and returns
     ``(N, num_classes, H, W)`` logits for the same ``H, W``.
+
+    ``input_scale`` below 1 runs the whole network on the image resized by that factor (bilinear: at 0.5 the mean
+    of each 2x2 block) and resizes its logits back, so the loss, the metrics and the masks stay at full
+    resolution while the network costs about ``input_scale ** 2`` as much. Thin objects lose detail first.
     """
 
     task = "segmentation"
 
     def __init__(self, backbone: nn.Module, *, model_name: str, num_classes: int, decoder: bool = True,
                  aspp_channels: int = 256, atrous_rates: tuple[int, ...] | None = None, decoder_channels: int = 256,
-                 low_level_channels: int = 48, separable: bool = True, drop_rate: float = 0.1) -> None:
+                 low_level_channels: int = 48, separable: bool = True, drop_rate: float = 0.1,
+                 input_scale: float = 1.0) -> None:
         super().__init__()
         check_head_options(num_classes=num_classes, aspp_channels=aspp_channels, atrous_rates=atrous_rates,
                            decoder_channels=decoder_channels, low_level_channels=low_level_channels,
-                           drop_rate=drop_rate)
+                           drop_rate=drop_rate, input_scale=input_scale)
         self.model_name = model_name
         self.num_classes = num_classes
         self.in_chans = backbone.in_chans
         self.output_stride = backbone.output_stride
-        self.min_input_size = backbone.min_input_size
+        self.input_scale = float(input_scale)
+        self.min_input_size = math.ceil(backbone.min_input_size / self.input_scale)
         self.pretrained_weights = None  # no registered segmentation weights; the backbone's are on the backbone
         if atrous_rates is not None:
             atrous_rates = tuple(atrous_rates)
         self.head_options = {"aspp_channels": aspp_channels, "atrous_rates": atrous_rates,
                              "decoder_channels": decoder_channels, "low_level_channels": low_level_channels,
-                             "separable": separable, "drop_rate": drop_rate}
+                             "separable": separable, "drop_rate": drop_rate, "input_scale": self.input_scale}
         if not decoder:
             del self.head_options["decoder_channels"], self.head_options["low_level_channels"]
 
@@ -178,15 +185,23 @@ class DeepLab(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take (wrong channel count, too small), naming what was expected."""
         self.backbone.check_input(x)
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise InvalidArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: this model needs at least "
+                                       f"{self.min_input_size}x{self.min_input_size} pixels (the network runs at "
+                                       f"{self.input_scale:g} of the input's size)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        if self.input_scale != 1.0:
+            self.check_input(x)  # at the size given: the backbone checks the resized one
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
         if self.decoder is None:
             features = self.aspp(self.backbone.forward_features(x))
         else:
             final, (low_level,) = self.backbone.forward_intermediates(x, [self.low_level_index])
             features = self.decoder(self.aspp(final), low_level)
         logits = self.classifier(features)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def architecture(self) -> dict[str, Any]:
         """The arguments that rebuild this architecture with ``create_model(model.model_name, ...)``, saved with its
@@ -225,7 +240,8 @@ def low_level_index(backbone: nn.Module, model_name: str) -> int:
 
 
 def check_head_options(*, num_classes: int, aspp_channels: int = 1, atrous_rates: tuple[int, ...] | None = None,
-                       decoder_channels: int = 1, low_level_channels: int = 1, drop_rate: float = 0.0) -> None:
+                       decoder_channels: int = 1, low_level_channels: int = 1, drop_rate: float = 0.0,
+                       input_scale: float = 1.0) -> None:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise InvalidArgumentError(f"num_classes must be an integer >= 1 for a segmentation model, got {num_classes!r}")
     for name, value in (("aspp_channels", aspp_channels), ("decoder_channels", decoder_channels),
@@ -237,13 +253,16 @@ def check_head_options(*, num_classes: int, aspp_channels: int = 1, atrous_rates
                                    f" got {atrous_rates!r}")
     if not 0.0 <= drop_rate < 1.0:
         raise InvalidArgumentError(f"drop_rate (dropout after the ASPP projection) must be in [0, 1), got {drop_rate}")
+    if not 0.0 < input_scale <= 1.0:
+        raise InvalidArgumentError(f"input_scale (the fraction of the input's resolution the network runs at) must be "
+                                   f"in (0, 1], got {input_scale}")
 
 
 def build(head: str, backbone_name: str, *, num_classes: int = 21, in_chans: int = 3, output_stride: int = 16,
           multi_grid: tuple[int, ...] | None = None, drop_path_rate: float = 0.0, drop_rate: float = 0.1,
           aspp_channels: int = 256, atrous_rates: tuple[int, ...] | None = None, decoder_channels: int | None = None,
-          low_level_channels: int | None = None, separable: bool = True, backbone_weights: str | Path | None = None,
-          **backbone_options: Any) -> DeepLab:
+          low_level_channels: int | None = None, separable: bool = True, input_scale: float = 1.0,
+          backbone_weights: str | Path | None = None, **backbone_options: Any) -> DeepLab:
     """``deeplabv3plus_<backbone>`` or ``deeplabv3_<backbone>``: the backbone built by the registry with its own
     options, then the head. ``backbone_weights``: the backbone's registered weights (or ``"default"``) or a weight
     file of the classification model, loaded without its classifier."""
@@ -266,7 +285,7 @@ def build(head: str, backbone_name: str, *, num_classes: int = 21, in_chans: int
                "low_level_channels": 48 if low_level_channels is None else low_level_channels}
     return DeepLab(backbone, model_name=name, num_classes=num_classes, decoder=head == "deeplabv3plus",
                    aspp_channels=aspp_channels, atrous_rates=atrous_rates, separable=separable, drop_rate=drop_rate,
-                   **decoder)
+                   input_scale=input_scale, **decoder)
 
 
 def deeplabv3plus(*, backbone: str, **options: Any) -> DeepLab:
