@@ -34,7 +34,7 @@ def recorded_files() -> dict[str, bytes | None]:
 def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     before = recorded_files()
     # 96x104: --tta's 0.75 scale stays above the model's minimum input of 65 pixels
-    data = write_segmentation_folder(tmp_path / "scenes", train=6, val=3, size=(96, 104))
+    data = write_segmentation_folder(tmp_path / "scenes", train=6, val=3, size=(176, 184))
     run = tmp_path / "run"
     assert camvid.main(["--smoke", "--data", str(data), "--output", str(run), "--tta"]) == 0
     printed = capsys.readouterr().out
@@ -43,7 +43,7 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     results = run / "results"
     result = json.loads((results / "camvid.json").read_text())
     assert result["command"] == f"python benchmarks/camvid.py --smoke --data {data} --output {run} --tta"
-    assert result["smoke"] and result["recipe"]["name"] == "camvid" and result["recipe"]["img_size"] == 80
+    assert result["smoke"] and result["recipe"]["name"] == "camvid" and result["recipe"]["img_size"] == 136
     assert (result["steps"], result["epochs"], result["stopped"], result["checkpoint"]) == (4, 2, "finished", "best")
     assert result["date"] and "cores" in result["machine"] and result["parameters"] > 1_000_000
     assert [point["epoch"] for point in result["curve"]] == [1, 2]

@@ -35,7 +35,7 @@ from xception.training.tasks import ClassificationTask
 # A narrow DeepLabV3+ so that every run takes seconds; 'same' stem padding keeps a stride-4 map for the decoder.
 TINY = {"stem_widths": (8, 16), "stem_padding": "same", "entry_widths": (16, 32), "middle_repeats": 0,
         "exit_widths": (32, 48), "tail_widths": (48, 64), "aspp_channels": 16, "decoder_channels": 16,
-        "low_level_channels": 8}
+        "low_level_channels": 8, "input_scale": 1.0}  # the camvid recipe's half resolution would need larger images
 TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only spins on a busy CPU
 
@@ -115,6 +115,19 @@ def config(data: Path, output: Path, **options) -> TrainConfig:
 def trained_run(data: Path, tmp_path_factory, one_thread) -> tuple[Path, dict]:
     output = tmp_path_factory.mktemp("segmentation-run")
     return output, train(config(data, output, epochs=6, lr=0.4, class_weights="median-frequency"))
+
+
+def test_test_time_scales_below_the_models_minimum_are_left_out() -> None:
+    """An image too small for a scale of the multi-scale inference still gets the scales it can take."""
+    torch.manual_seed(0)
+    model = create_model("deeplabv3plus_xception", num_classes=3, **TINY).eval()
+    side = model.min_input_size + 2  # 0.75 of it is below the minimum
+    images = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        with_small_scale = segment(model, images, scales=(0.75, 1.0, 1.25), flip=True)
+        without = segment(model, images, scales=(1.0, 1.25), flip=True)
+        assert torch.equal(with_small_scale, without)
+        assert segment(model, images, scales=(0.5,)).shape == (1, 3, side, side)  # the image at its own size
 
 
 def test_segmentation_training_writes_everything_and_learns(trained_run) -> None:

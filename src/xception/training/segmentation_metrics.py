@@ -60,11 +60,15 @@ def segment(model: nn.Module, images: torch.Tensor, *, precision: str = "fp32", 
     """Per-pixel class scores at the input's size, as float32 (B, C, H, W): the model's logits, or with test-time
     augmentation (several ``scales``, or ``flip``) the log of the softmax averaged over every scale and its
     mirror image, each resized bilinearly back to the full size before averaging. Both feed ``argmax`` and
-    ``F.cross_entropy`` alike (the log of a probability distribution is its own log-softmax)."""
+    ``F.cross_entropy`` alike (the log of a probability distribution is its own log-softmax). A scale that would
+    shrink the images below the model's ``min_input_size`` is left out (small images get the others)."""
+    height, width = images.shape[-2:]
+    minimum = getattr(model, "min_input_size", 1)
+    scales = [scale for scale in scales if scale >= 1.0 or min(round(height * scale), round(width * scale)) >= minimum]
+    scales = scales or [1.0]
     if tuple(scales) == (1.0,) and not flip:
         with autocast(images.device, precision):
             return model(images).float()
-    height, width = images.shape[-2:]
     total = None
     for scale in scales:
         scaled = images if scale == 1.0 else F.interpolate(
