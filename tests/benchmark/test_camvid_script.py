@@ -4,6 +4,7 @@ CamVid's layout (tests/segmentation_samples.py), and never writes into benchmark
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -74,3 +75,14 @@ def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
     (run / "last.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="already holds a run"):
         camvid.main(["--smoke", "--data", str(tmp_path / "missing"), "--output", str(run)])
+
+
+def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_path):
+    """The recorded run takes the camvid recipe as it is; --class-weights (the median-frequency record) changes
+    only the loss's class weights."""
+    plain = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "a")])).resolved_recipe()
+    weighted = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "b"), "--class-weights",
+                                                         "median-frequency"])).resolved_recipe()
+    assert plain.class_weights is None and weighted.class_weights == "median-frequency"
+    assert weighted == dataclasses.replace(plain, class_weights="median-frequency")
+    assert plain.model_options["input_scale"] == 0.5 and plain.img_size == 448
