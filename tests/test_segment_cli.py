@@ -95,25 +95,26 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
             "deeplabv3_xception65", "--set", "aspp_channels=64", "--epochs", "3", "--batch-size", "4", "--lr", "0.01",
             "--crop-size", "256", "--backbone-weights", "tf_in1k", "--output-stride", "8", "--ignore-index", "254",
             "--class-weights", "median-frequency", "--augment", "basic", "--resume", "--deterministic",
-            "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10", "--label-smoothing", "0.1"]
+            "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10", "--label-smoothing", "0.1",
+            "--weights", "runs/camvid"]
     args = build_parser().parse_args(argv)
     config = config_from_args(args, parse_options(args.model_options), task="segmentation")
     assert (config.task, config.data, config.model, config.model_options) == (
         "segmentation", "folder", "deeplabv3_xception65", {"aspp_channels": 64})
     assert (config.img_size, config.backbone_weights, config.output_stride, config.ignore_index) == (
         256, "tf_in1k", 8, 254)
-    assert (config.class_weights, config.augmentation, config.resume, config.max_minutes) == (
-        "median-frequency", "basic", True, 30)
+    assert (config.class_weights, config.augmentation, config.resume, config.max_minutes, config.weights) == (
+        "median-frequency", "basic", True, 30, "runs/camvid")
 
 
 def test_segment_train_help_lists_the_segmentation_flags_only(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["segment", "train", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--crop-size", "--backbone-weights", "--output-stride", "--ignore-index", "--class-weights",
-                 "--resume", "--max-minutes", "deeplabv3plus_xception65"):
+    for flag in ("--crop-size", "--backbone-weights", "--weights ", "--output-stride", "--ignore-index",
+                 "--class-weights", "--resume", "--max-minutes", "deeplabv3plus_xception65"):
         assert flag in out, flag
-    for flag in ("--img-size", "--mixup", "--weights ", "--classes", "--layer-decay", "--drop-rate"):
+    for flag in ("--img-size", "--mixup", "--classes", "--layer-decay", "--drop-rate"):
         assert flag not in out, flag
 
 

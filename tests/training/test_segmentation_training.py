@@ -234,3 +234,38 @@ def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:
                    model_options={})
     with pytest.raises(InvalidArgumentError, match="holds a xception run but deeplabv3plus_xception65's backbone"):
         build_segmentation_model(wrong, wrong.resolved_recipe(), num_classes=3, in_chans=3)
+
+
+def test_a_segmentation_run_fine_tunes_whole_on_other_classes(trained_run, data: Path, tmp_path: Path) -> None:
+    """--weights takes a segmentation run whole: its architecture (a given --output-stride may change the stride,
+    which holds no weights), every weight, and for another class count a new classifier only."""
+    import xception
+
+    run, _ = trained_run
+    trained = load_file(run / "best.safetensors")
+    same = config(data, tmp_path / "same", weights=str(run), model_options={})  # no TINY: the run brings it
+    model = build_segmentation_model(same, same.resolved_recipe(), num_classes=3, in_chans=3)
+    assert model.input_scale == 1.0 and model.output_stride == 16
+    assert all(torch.equal(tensor, trained[key]) for key, tensor in model.state_dict().items())
+
+    other = config(data, tmp_path / "other", weights=str(run), model_options={}, output_stride=8)
+    model = build_segmentation_model(other, other.resolved_recipe(), num_classes=5, in_chans=3)
+    assert model.output_stride == 8 and model.classifier.out_channels == 5
+    kept = [key for key in trained if not key.startswith("classifier.")]
+    assert kept and all(torch.equal(model.state_dict()[key], trained[key]) for key in kept)
+    assert not torch.equal(model.classifier.weight[:3], trained["classifier.weight"])  # new, not a slice
+
+    # A bare weight file goes into the recipe's model (the TINY options here).
+    file = config(data, tmp_path / "file", weights=str(run / "best.safetensors"))
+    model = build_segmentation_model(file, file.resolved_recipe(), num_classes=3, in_chans=3)
+    assert all(torch.equal(tensor, trained[key]) for key, tensor in model.state_dict().items())
+
+    classifier_run = tmp_path / "classification-run"
+    xception.save_weights(create_model("xception", num_classes=5, stem_widths=(8, 16)),
+                          classifier_run / "best.safetensors")
+    wrong = config(data, tmp_path / "wrong", weights=str(classifier_run), model_options={})
+    with pytest.raises(InvalidArgumentError, match="a classification model: give it as --backbone-weights"):
+        build_segmentation_model(wrong, wrong.resolved_recipe(), num_classes=3, in_chans=3)
+    both = config(data, tmp_path / "both", weights=str(run), backbone_weights=str(classifier_run))
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        build_segmentation_model(both, both.resolved_recipe(), num_classes=3, in_chans=3)

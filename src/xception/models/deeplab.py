@@ -134,6 +134,7 @@ class DeepLab(nn.Module):
     """
 
     task = "segmentation"
+    classifier_prefix = "classifier."  # what a new class count replaces (see xception.weights.load_weights)
 
     def __init__(self, backbone: nn.Module, *, model_name: str, num_classes: int, decoder: bool = True,
                  aspp_channels: int = 256, atrous_rates: tuple[int, ...] | None = None, decoder_channels: int = 256,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from ..precision import TRAINING_PRECISIONS
-from .recipes import RECIPES, TASKS, Recipe, get_recipe
+from .recipes import OPTIMIZERS, RECIPES, TASKS, Recipe, get_recipe
 
 CLASSIFICATION, SEGMENTATION = ("classification",), ("segmentation",)
 CLASSIFICATION_AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment", "inception", "compact")
@@ -56,13 +56,18 @@ class TrainConfig:
                                     recipe=True)
     lr: float | None = option(None, "learning rate at the recipe's reference batch size (scaled linearly to the "
                                     "global batch)", above=0, recipe=True)
+    optimizer: str | None = option(None, "optimizer (default: the recipe's): sgd (with the recipe's momentum), "
+                                         "rmsprop or adamw", recipe=True, choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, "weight decay (default: the recipe's); decoupled for adamw", minimum=0,
+                                        recipe=True)
     img_size: int | None = option(None, "training and evaluation image size; segmentation: the side of the square "
                                         "training crop, evaluation being at full resolution (default: the "
                                         "recipe's)", minimum=8, recipe=True, task_flags={"segmentation": "--crop-size"})
     weights: str | None = option(None, "start from pretrained weights: a registered name (imagenet, tf_in1k...), "
                                        "a weight file of any format the library reads, or a finished run folder "
-                                       "(its architecture too); a new class count gets a new classifier",
-                                 tasks=CLASSIFICATION)
+                                       "(its architecture too); a new class count gets a new classifier; "
+                                       "segmentation: a segmentation run, save_pretrained folder or weight file "
+                                       "(the whole model; --backbone-weights takes classification weights)")
     backbone_weights: str | None = option(None, "start the backbone from pretrained weights: a registered name of the "
                                                 "backbone (tf_in1k, imagenet...), a weight file, or a classification "
                                                 "run folder (its backbone architecture too)", tasks=SEGMENTATION)

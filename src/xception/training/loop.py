@@ -48,7 +48,7 @@ from .config import TrainConfig
 from .data import batch_mixer, make_loader
 from .finetune import parameter_groups, set_trainable
 from .metrics import MetricsLogger, plot_history
-from .recipes import Recipe
+from .recipes import OPTIMIZERS, Recipe
 from .step import forward_backward, optimizer_step
 from .tasks import task_for
 
@@ -223,7 +223,7 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(groups, lr=recipe.lr, alpha=0.9, eps=1.0, momentum=recipe.momentum)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=recipe.lr)
-    raise InvalidArgumentError(f"unknown optimizer {recipe.optimizer!r}")
+    raise InvalidArgumentError(f"unknown optimizer {recipe.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
 
 
 def start_epoch(trainer: Trainer, run: RunState, config: TrainConfig, recipe: Recipe,

@@ -21,9 +21,10 @@ from ..data import (
 from ..errors import InvalidArgumentError
 from ..models import create_model, list_models
 from ..models.registry import model_task
+from ..weights import load_weights
 from .checkpoint import read_architecture
 from .data import samplers
-from .finetune import run_weights
+from .finetune import run_weights, saved_architecture
 from .recipes import Recipe
 from .segmentation_metrics import evaluate_segmentation
 
@@ -40,7 +41,13 @@ NOT_BACKBONE = frozenset({"num_classes", "in_chans", "global_pool", "drop_rate",
 def build_segmentation_model(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int) -> nn.Module:
     """The recipe's DeepLab model (with ``model_options`` for its backbone and head), its backbone started from
     ``config.backbone_weights``: a registered name, a weight file, or a classification run folder, whose best
-    (else last) weights are loaded and whose backbone architecture replaces the options' backbone knobs."""
+    (else last) weights are loaded and whose backbone architecture replaces the options' backbone knobs.
+    With ``config.weights`` instead, the whole segmentation model: see :func:`pretrained_segmentation_model`."""
+    if config.weights is not None:
+        if config.backbone_weights is not None:
+            raise InvalidArgumentError("give --weights (a whole segmentation model) or --backbone-weights (a "
+                                       "classification backbone), not both")
+        return pretrained_segmentation_model(config, recipe, num_classes, in_chans)
     name, options = recipe.model, {**recipe.model_options, **config.model_options}
     if model_task(name) != "segmentation":
         raise InvalidArgumentError(f"{name} is not a segmentation model: choose one of "
@@ -57,6 +64,30 @@ def build_segmentation_model(config: TrainConfig, recipe: Recipe, num_classes: i
         weights = str(weights_file)
     return create_model(name, num_classes=num_classes, in_chans=in_chans, output_stride=recipe.output_stride,
                         backbone_weights=weights, **options)
+
+
+def pretrained_segmentation_model(config: TrainConfig, recipe: Recipe, num_classes: int, in_chans: int,
+                                  ) -> nn.Module:
+    """Fine-tuning a trained segmentation model: ``config.weights`` is a segmentation run folder or save_pretrained
+    folder (its architecture is taken, and an explicit ``--output-stride`` may change its stride, which holds no
+    weights), or a weight file for the recipe's model. Everything loads but, for another class count, the final
+    1x1 classifier, which starts anew."""
+    saved = saved_architecture(config.weights)
+    if saved is None:
+        name, options, weights = recipe.model, {**recipe.model_options, **config.model_options}, config.weights
+        output_stride = recipe.output_stride
+    else:
+        name, architecture, weights = saved
+        if model_task(name) != "segmentation":
+            raise InvalidArgumentError(f"{config.weights} holds a {name}, a classification model: give it as "
+                                       "--backbone-weights to start a DeepLab model's backbone from it")
+        options = {key: value for key, value in architecture.items() if key not in ("num_classes", "in_chans")}
+        output_stride = options.pop("output_stride", recipe.output_stride)
+        if config.output_stride is not None:
+            output_stride = config.output_stride
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, output_stride=output_stride, **options)
+    load_weights(model, weights, new_head=True)
+    return model
 
 
 class SegmentationTask:

@@ -34,18 +34,19 @@ def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = Fals
     model unchanged.
     """
     registered = registered_weights(getattr(model, "model_name", "xception"), weights)
+    classifier = classifier_prefix(model)
     may_lack: tuple[str, ...] = ()
     if registered is None:
         path = weights_path(weights)
     else:
         path = fetch(registered.file_for(model.num_classes))
         if model.num_classes != registered.num_classes:
-            may_lack = ("head.",)
+            may_lack = (classifier,)
     file_format, state = read_weights(path, model)
     expected = model.state_dict()
-    if new_head and any(name.startswith("head.") and (name not in expected or tensor.shape != expected[name].shape)
+    if new_head and any(name.startswith(classifier) and (name not in expected or tensor.shape != expected[name].shape)
                         for name, tensor in state.items()):
-        may_lack = ("head.",)
+        may_lack = (classifier,)
     if may_lack:  # a file with the pretrained classifier (no no-top variant published): keep the model's new head
         state = {name: tensor for name, tensor in state.items() if not name.startswith(may_lack)}
     if registered is not None:
@@ -56,6 +57,12 @@ def load_weights(model: nn.Module, weights: str | Path, *, new_head: bool = Fals
     # Remembered as timm keeps pretrained_cfg: the weights' transforms() are one attribute away.
     model.pretrained_weights = registered
     return file_format
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the layers that depend on the class count: ``head.`` for the classifiers,
+    ``classifier.`` (the final 1x1 convolution) for the DeepLab models."""
+    return getattr(model, "classifier_prefix", "head.")
 
 
 def adapt_input_conv(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
