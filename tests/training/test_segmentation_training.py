@@ -266,6 +266,9 @@ def test_a_segmentation_run_fine_tunes_whole_on_other_classes(trained_run, data:
     wrong = config(data, tmp_path / "wrong", weights=str(classifier_run), model_options={})
     with pytest.raises(InvalidArgumentError, match="a classification model: give it as --backbone-weights"):
         build_segmentation_model(wrong, wrong.resolved_recipe(), num_classes=3, in_chans=3)
+    registered = config(data, tmp_path / "registered", weights="tf_in1k")
+    with pytest.raises(InvalidArgumentError, match="classification weights: give them as --backbone-weights"):
+        build_segmentation_model(registered, registered.resolved_recipe(), num_classes=3, in_chans=3)
     both = config(data, tmp_path / "both", weights=str(run), backbone_weights=str(classifier_run))
     with pytest.raises(InvalidArgumentError, match="not both"):
         build_segmentation_model(both, both.resolved_recipe(), num_classes=3, in_chans=3)

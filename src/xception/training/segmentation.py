@@ -22,6 +22,7 @@ from ..errors import InvalidArgumentError
 from ..models import create_model, list_models
 from ..models.registry import model_task
 from ..weights import load_weights
+from ..weights.download import parse_hub_spec
 from .checkpoint import read_architecture
 from .data import samplers
 from .finetune import run_weights, saved_architecture
@@ -73,6 +74,10 @@ def pretrained_segmentation_model(config: TrainConfig, recipe: Recipe, num_class
     weights), or a weight file for the recipe's model. Everything loads but, for another class count, the final
     1x1 classifier, which starts anew."""
     saved = saved_architecture(config.weights)
+    if saved is None and not Path(config.weights).is_file() and parse_hub_spec(config.weights) is None:
+        raise InvalidArgumentError(f"--weights {config.weights} is neither a segmentation run, a save_pretrained "
+                                   "folder nor a weight file; registered names (tf_in1k, imagenet...) are "
+                                   "classification weights: give them as --backbone-weights")
     if saved is None:
         name, options, weights = recipe.model, {**recipe.model_options, **config.model_options}, config.weights
         output_stride = recipe.output_stride
