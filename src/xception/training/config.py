@@ -63,11 +63,11 @@ class TrainConfig:
     img_size: int | None = option(None, "training and evaluation image size; segmentation: the side of the square "
                                         "training crop, evaluation being at full resolution (default: the "
                                         "recipe's)", minimum=8, recipe=True, task_flags={"segmentation": "--crop-size"})
-    weights: str | None = option(None, "start from pretrained weights: a registered name (imagenet, tf_in1k...), "
-                                       "a weight file of any format the library reads, or a finished run folder "
-                                       "(its architecture too); a new class count gets a new classifier; "
-                                       "segmentation: a segmentation run, save_pretrained folder or weight file "
-                                       "(the whole model; --backbone-weights takes classification weights)")
+    weights: str | None = option(None, "start from pretrained weights, a new class count getting a new classifier: "
+                                       "a finished run folder or save_pretrained folder (its architecture too), or a "
+                                       "weight file of any format the library reads; classification also takes a "
+                                       "registered name (imagenet, tf_in1k...), segmentation a whole segmentation "
+                                       "model only (--backbone-weights takes classification weights)")
     backbone_weights: str | None = option(None, "start the backbone from pretrained weights: a registered name of the "
                                                 "backbone (tf_in1k, imagenet...), a weight file, or a classification "
                                                 "run folder (its backbone architecture too)", tasks=SEGMENTATION)
