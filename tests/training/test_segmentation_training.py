@@ -264,8 +264,12 @@ def test_a_segmentation_run_fine_tunes_whole_on_other_classes(trained_run, data:
     xception.save_weights(create_model("xception", num_classes=5, stem_widths=(8, 16)),
                           classifier_run / "best.safetensors")
     wrong = config(data, tmp_path / "wrong", weights=str(classifier_run), model_options={})
-    with pytest.raises(InvalidArgumentError, match="a classification model: give it as --backbone-weights"):
+    with pytest.raises(InvalidArgumentError, match="a classification model, not a segmentation model: give"):
         build_segmentation_model(wrong, wrong.resolved_recipe(), num_classes=3, in_chans=3)
+    into_classifier = config(data, tmp_path / "into", weights=str(run / "best.safetensors"), model="xception",
+                             model_options={})
+    with pytest.raises(InvalidArgumentError, match="xception is a classification model, not a segmentation"):
+        build_segmentation_model(into_classifier, into_classifier.resolved_recipe(), num_classes=3, in_chans=3)
     registered = config(data, tmp_path / "registered", weights="tf_in1k")
     with pytest.raises(InvalidArgumentError, match="classification weights: give them as --backbone-weights"):
         build_segmentation_model(registered, registered.resolved_recipe(), num_classes=3, in_chans=3)

@@ -83,13 +83,13 @@ def pretrained_segmentation_model(config: TrainConfig, recipe: Recipe, num_class
         output_stride = recipe.output_stride
     else:
         name, architecture, weights = saved
-        if model_task(name) != "segmentation":
-            raise InvalidArgumentError(f"{config.weights} holds a {name}, a classification model: give it as "
-                                       "--backbone-weights to start a DeepLab model's backbone from it")
         options = {key: value for key, value in architecture.items() if key not in ("num_classes", "in_chans")}
         output_stride = options.pop("output_stride", recipe.output_stride)
         if config.output_stride is not None:
             output_stride = config.output_stride
+    if model_task(name) != "segmentation":  # the saved model's, or the recipe's that a bare file goes into
+        raise InvalidArgumentError(f"{name} is a classification model, not a segmentation model: give "
+                                   "classification weights as --backbone-weights to start a DeepLab model's backbone")
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, output_stride=output_stride, **options)
     load_weights(model, weights, new_head=True)
     return model
