@@ -3,7 +3,7 @@ for a fixed budget of minutes on this machine, then its best checkpoint (else it
 at the full 480x360.
 
     python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
-                                [--class-weights median-frequency]
+                                [--class-weights median-frequency] [--set KEY=VALUE ...]
 
 Trains through :func:`xception.training.train` (what ``xception segment train`` runs) and evaluates through
 :func:`xception.inference_segmentation.evaluate_segmenter` (what ``xception segment eval`` runs). Writes, in
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xception.cli import parse_options
 from xception.data import SampleKey, SegmentationDataset, SegmentationEvalTransform
 from xception.errors import InvalidArgumentError
 from xception.experiments.report import machine_description, today
@@ -65,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--crop-size", type=int, help="the recipe's training crop, overridden")
     parser.add_argument("--class-weights", choices=("median-frequency",), help="weigh the loss by class (default: "
                                                                                "the recipe's, unweighted)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an architecture option on top of the recipe's (as in xception segment train), e.g. "
+                             "--set input_scale=0.75 --set 'atrous_rates=(3, 6, 9)'; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="also evaluate with flip and multi-scale inference")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of the final evaluation")
@@ -81,7 +85,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         sizes["img_size"] = args.crop_size
     return TrainConfig(task="segmentation", data=str(args.data), recipe=RECIPE, output=args.output,
                        max_minutes=args.max_minutes, seed=args.seed, class_weights=args.class_weights,
-                       progress=not args.smoke, **sizes)
+                       model_options=parse_options(args.set), progress=not args.smoke, **sizes)
 
 
 def evaluate(loaded: LoadedSegmenter, args: argparse.Namespace, tta: bool) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from PIL import Image
 from segmentation_samples import CLASSES, write_segmentation_folder
 
 from xception.cli import main as xception_main
+from xception.training.segmentation import build_segmentation_model
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,3 +87,20 @@ def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_pa
     assert plain.class_weights is None and weighted.class_weights == "median-frequency"
     assert weighted == dataclasses.replace(plain, class_weights="median-frequency")
     assert plain.model_options["input_scale"] == 0.5 and plain.img_size == 448
+
+
+def test_set_passes_architecture_options_on_top_of_the_recipes(camvid, tmp_path):
+    """--set is how the recipe variants named in the README (ASPP rates, input scale) are rerun: the options
+    reach the model that is built, the recipe's other options and fields stay."""
+    args = camvid.parse_args(["--output", str(tmp_path / "a"), "--set", "input_scale=0.75",
+                              "--set", "atrous_rates=(3, 6, 9)"])
+    config = camvid.training_config(args)
+    recipe = config.resolved_recipe()
+    assert recipe == camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "b")])).resolved_recipe()
+    model = build_segmentation_model(config, recipe, num_classes=len(CLASSES), in_chans=3)
+    assert model.input_scale == 0.75 and model.min_input_size == 87  # ceil(65 / 0.75): 65 at full scale
+    dilations = [[m.dilation for m in branch.modules() if getattr(m, "kernel_size", None) == (3, 3)]
+                 for branch in model.aspp.atrous]
+    assert dilations == [[(3, 3)], [(6, 6)], [(9, 9)]]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "c"), "--set", "input_scale"]))
