@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
+from xception.experiments.report import machine_description, today
 from xception.files import write_text_atomic
 from xception.training import TrainConfig, train
 
@@ -80,7 +79,7 @@ def main() -> None:
     pretrain_minutes = (time.monotonic() - started) / 60
     runs = [run(method, seed, pretrained, args.output) for seed in range(args.seeds) for method in METHODS]
     rows = summary(runs)
-    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+    result = {"date": today(), "machine": machine_description(),
               "command": "python benchmarks/finetune.py", "pretrain_minutes": pretrain_minutes,
               "runs_minutes": sum(r["minutes"] for r in runs), "summary": rows, "runs": runs}
     path = Path(__file__).parent / "results" / "finetune.json"
