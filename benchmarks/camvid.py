@@ -3,7 +3,9 @@ for a fixed budget of minutes on this machine, then its best checkpoint (else it
 at the full 480x360.
 
     python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
-                                [--class-weights median-frequency] [--set KEY=VALUE ...]
+                                [--augmentation deeplab|basic|none] [--scale-range LOW HIGH]
+                                [--class-weights median-frequency]
+                                [--set KEY=VALUE ...]
 
 Trains through :func:`xception.training.train` (what ``xception segment train`` runs) and evaluates through
 :func:`xception.inference_segmentation.evaluate_segmenter` (what ``xception segment eval`` runs). Writes, in
@@ -38,6 +40,7 @@ import torch
 
 from xception.cli import parse_options
 from xception.data import SampleKey, SegmentationDataset, SegmentationEvalTransform
+from xception.data.segmentation import SEGMENTATION_AUGMENTATIONS
 from xception.errors import InvalidArgumentError
 from xception.experiments.report import machine_description, today
 from xception.files import save_figure, write_text_atomic
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "with --smoke, OUTPUT/results)")
     parser.add_argument("--epochs", type=int, help="the recipe's epochs, overridden (its poly schedule ends there)")
     parser.add_argument("--crop-size", type=int, help="the recipe's training crop, overridden")
+    parser.add_argument("--augmentation", choices=SEGMENTATION_AUGMENTATIONS,
+                        help="the recipe's training augmentation, overridden (deeplab: random scale 0.5-2.0, crop, "
+                             "flip, colour jitter; basic: crop and flip)")
+    parser.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="the range of the deeplab augmentation's random scale, overridden (the recipe's: "
+                             "DeepLab's 0.5 2.0)")
     parser.add_argument("--class-weights", choices=("median-frequency",), help="weigh the loss by class (default: "
                                                                                "the recipe's, unweighted)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -85,6 +94,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         sizes["img_size"] = args.crop_size
     return TrainConfig(task="segmentation", data=str(args.data), recipe=RECIPE, output=args.output,
                        max_minutes=args.max_minutes, seed=args.seed, class_weights=args.class_weights,
+                       augmentation=args.augmentation, scale_range=args.scale_range,
                        model_options=parse_options(args.set), progress=not args.smoke, **sizes)
 
 

@@ -94,7 +94,8 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
     argv = ["segment", "train", "--data", "folder", "--output", "out", "--recipe", "camvid", "--model",
             "deeplabv3_xception65", "--set", "aspp_channels=64", "--epochs", "3", "--batch-size", "4", "--lr", "0.01",
             "--crop-size", "256", "--backbone-weights", "tf_in1k", "--output-stride", "8", "--ignore-index", "254",
-            "--class-weights", "median-frequency", "--augment", "basic", "--resume", "--deterministic",
+            "--class-weights", "median-frequency", "--augment", "basic", "--scale-range", "0.75", "1.5", "--resume",
+            "--deterministic",
             "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10", "--label-smoothing", "0.1",
             "--weights", "runs/camvid"]
     args = build_parser().parse_args(argv)
@@ -105,6 +106,7 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
         256, "tf_in1k", 8, 254)
     assert (config.class_weights, config.augmentation, config.resume, config.max_minutes, config.weights) == (
         "median-frequency", "basic", True, 30, "runs/camvid")
+    assert config.scale_range == (0.75, 1.5) and config.resolved_recipe().scale_range == (0.75, 1.5)
 
 
 def test_segment_train_help_lists_the_segmentation_flags_only(capsys) -> None:
@@ -126,6 +128,8 @@ def test_segment_train_help_lists_the_segmentation_flags_only(capsys) -> None:
     (["segment", "train", "--data", "d", "--output", "o", "--ignore-index", "256"], "must be <= 255, got 256"),
     (["segment", "train", "--data", "d", "--output", "o", "--model", "xception"], "invalid choice: 'xception'"),
     (["segment", "eval", "--data", "d"], "the following arguments are required: --checkpoint"),
+    (["segment", "train", "--data", "d", "--output", "o", "--scale-range", "0.5"], "expected 2 arguments"),
+    (["segment", "train", "--data", "d", "--output", "o", "--scale-range", "0", "2"], "must be > 0, got 0.0"),
 ])
 def test_flags_are_checked_where_they_are_parsed(argv: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit) as info:

@@ -80,12 +80,15 @@ def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
 
 def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_path):
     """The recorded run takes the camvid recipe as it is; --class-weights (the median-frequency record) changes
-    only the loss's class weights."""
+    only the loss's class weights, --augmentation only the augmentation."""
     plain = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "a")])).resolved_recipe()
     weighted = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "b"), "--class-weights",
                                                          "median-frequency"])).resolved_recipe()
     assert plain.class_weights is None and weighted.class_weights == "median-frequency"
     assert weighted == dataclasses.replace(plain, class_weights="median-frequency")
+    basic = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "c"), "--augmentation",
+                                                      "basic"])).resolved_recipe()
+    assert basic == dataclasses.replace(plain, augmentation="basic")
     assert plain.model_options["input_scale"] == 0.5 and plain.img_size == 448
 
 

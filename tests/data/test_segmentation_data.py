@@ -65,6 +65,37 @@ def test_masks_are_never_interpolated_bilinearly() -> None:
         assert set(scaled.unique().tolist()) <= {0, 10, 255} and scaled.shape[-1] == round(30 * factor[0])
 
 
+def test_the_deeplab_scale_range_is_the_one_given() -> None:
+    """A 20x30 image of one label, crops large enough to hold it whole at any scale drawn: the labelled pixels
+    count the scale. DeepLab's 0.5-2.0 by default; a fixed scale, and a narrower range, as given."""
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    mask = torch.ones(1, 20, 30, dtype=torch.uint8)
+
+    def scaled_sides(scale_range: tuple[float, float] | None, seeds: int = 40) -> list[float]:
+        options = {} if scale_range is None else {"scale_range": scale_range}
+        transform = SegmentationTrainTransform(crop_size=64, style="deeplab", **options)
+        sides = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            _, out = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+            labelled = out == 1
+            sides.append(labelled.any(0).sum().item() / 30)  # the labelled width over the original width
+        return sides
+
+    default = scaled_sides(None)
+    assert 0.5 <= min(default) < 0.8 and 1.7 < max(default) <= 2.0
+    assert scaled_sides((1.5, 1.5), seeds=3) == [1.5] * 3
+    narrow = scaled_sides([0.75, 1.25])  # a list, as JSON gives it, works too
+    assert 0.74 <= min(narrow) < 0.9 and 1.1 < max(narrow) <= 1.26
+
+
+@pytest.mark.parametrize("scale_range", [(2.0, 1.0), (0.0, 1.0), (-1.0, 2.0), (1.0,), ("a", 1.0),
+                                         (1.0, float("inf"))])
+def test_a_bad_scale_range_is_refused_with_the_flag_named(scale_range) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"--scale-range LOW HIGH"):
+        SegmentationTrainTransform(crop_size=64, style="deeplab", scale_range=scale_range)
+
+
 def test_image_and_mask_move_together() -> None:
     """The image carries its label in its pixel values; after scaling, cropping and flipping they still agree
     away from the boundaries, where the image (and only the image) is blended: pixels whose 5x5 neighbourhood

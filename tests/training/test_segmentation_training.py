@@ -21,7 +21,9 @@ from torch import nn
 from xception.errors import InvalidArgumentError
 from xception.models import create_model
 from xception.training import TrainConfig, train
-from xception.training.segmentation import build_segmentation_model
+from xception.training.loop import Distributed
+from xception.training.recipes import get_recipe
+from xception.training.segmentation import SegmentationTask, build_segmentation_model
 from xception.training.segmentation_metrics import (
     confusion_matrix,
     mean_iou,
@@ -199,6 +201,8 @@ def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(dat
         config(data, tmp_path, mixup=0.2)
     with pytest.raises(InvalidArgumentError, match=r"ignore_index \(--ignore-index\) does not apply to class"):
         TrainConfig(ignore_index=0)
+    with pytest.raises(InvalidArgumentError, match=r"scale_range \(--scale-range\) does not apply to class"):
+        TrainConfig(scale_range=(0.5, 2.0))
     with pytest.raises(InvalidArgumentError, match="recipe 'compact' trains classification models"):
         config(data, tmp_path, recipe="compact").resolved_recipe()
     with pytest.raises(InvalidArgumentError, match="'balanced' are for classification"):
@@ -212,6 +216,19 @@ def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(dat
     segmentation_model = TrainConfig(model="deeplabv3plus_xception")
     with pytest.raises(InvalidArgumentError, match="is a segmentation model: train it with xception segment train"):
         ClassificationTask(segmentation_model).build_model(segmentation_model.resolved_recipe(), 10, 1)
+
+
+def test_the_scale_range_reaches_the_training_augmentation(data: Path, tmp_path: Path) -> None:
+    """--scale-range (a list from the command line or JSON) overrides the recipe's DeepLab 0.5-2.0 in the
+    transform of the training set; a bad range is refused when the config is made, before any data is read."""
+    assert get_recipe("camvid").scale_range == (0.5, 2.0)
+    for scale_range, expected in ((None, (0.5, 2.0)), ([0.75, 1.5], (0.75, 1.5))):
+        options = config(data, tmp_path, augmentation="deeplab", scale_range=scale_range)
+        recipe = options.resolved_recipe()
+        train_set, *_ = SegmentationTask(options).datasets(recipe, Distributed())
+        assert recipe.scale_range == expected and train_set.transform.scale_range == expected
+    with pytest.raises(InvalidArgumentError, match=r"needs 0 < LOW <= HIGH, got 2 1"):
+        config(data, tmp_path, scale_range=(2, 1))
 
 
 def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:

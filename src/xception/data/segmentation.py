@@ -23,6 +23,7 @@ never stops a long run.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,19 @@ def median_frequency_weights(dataset: SegmentationDataset) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- transforms
 
+def check_scale_range(scale_range: Any) -> tuple[float, float]:
+    """``scale_range`` as a (low, high) tuple of floats, refused unless 0 < low <= high."""
+    try:
+        low, high = (float(value) for value in scale_range)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"the scale range (--scale-range LOW HIGH) must be two numbers, got "
+                                   f"{scale_range!r}") from None
+    if not 0 < low <= high or not math.isfinite(high):
+        raise InvalidArgumentError(f"the scale range (--scale-range LOW HIGH) needs 0 < LOW <= HIGH, got {low:g} "
+                                   f"{high:g}: e.g. DeepLab's 0.5 2.0")
+    return low, high
+
+
 class RandomScale(v2.Transform):
     """Resize the image and its mask by one random factor in ``scale_range`` (DeepLab's scale augmentation).
 
@@ -271,7 +285,7 @@ class RandomScale(v2.Transform):
 
     def __init__(self, scale_range: tuple[float, float] = SCALE_RANGE) -> None:
         super().__init__()
-        self.scale_range = scale_range
+        self.scale_range = check_scale_range(scale_range)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -298,13 +312,15 @@ class SegmentationTrainTransform:
     ``tv_tensors.Mask``, so every geometric step treats it with nearest-neighbour interpolation and pads it with
     the ignore index).
 
-    "deeplab": random scale 0.5-2.0, random ``crop_size`` square crop (padded where the scaled image is smaller:
-    mid-grey image, ignored mask), horizontal flip, colour jitter; the augmentation of DeepLabV3+ (Chen et al.
-    2018), plus photometric jitter. "basic": crop and flip. "none": the crop alone (batches need one size)."""
+    "deeplab": random scale (by a factor drawn uniformly from ``scale_range``, DeepLab's 0.5-2.0 by default),
+    random ``crop_size`` square crop (padded where the scaled image is smaller: mid-grey image, ignored mask),
+    horizontal flip, colour jitter; the augmentation of DeepLabV3+ (Chen et al. 2018), plus photometric jitter.
+    "basic": crop and flip. "none": the crop alone (batches need one size)."""
 
     crop_size: int
     ignore_index: int = IGNORE_INDEX
     style: str = "deeplab"
+    scale_range: tuple[float, float] = SCALE_RANGE
 
     _steps: v2.Compose = field(init=False, repr=False, compare=False)
 
@@ -312,12 +328,14 @@ class SegmentationTrainTransform:
         if self.style not in SEGMENTATION_AUGMENTATIONS:
             raise InvalidArgumentError(f"segmentation augmentation must be one of "
                                        f"{', '.join(SEGMENTATION_AUGMENTATIONS)}, got {self.style!r}")
+        low, high = check_scale_range(self.scale_range)
+        object.__setattr__(self, "scale_range", (low, high))  # frozen: a list (from JSON) kept as a tuple
         object.__setattr__(self, "_steps", self._build())  # frozen: set once here
 
     def _build(self) -> v2.Compose:
         crop = v2.RandomCrop(self.crop_size, pad_if_needed=True,
                              fill={tv_tensors.Image: IMAGE_PAD_VALUE, tv_tensors.Mask: self.ignore_index})
-        steps: list[Any] = [RandomScale()] if self.style == "deeplab" else []
+        steps: list[Any] = [RandomScale(self.scale_range)] if self.style == "deeplab" else []
         steps.append(crop)
         if self.style != "none":
             steps.append(v2.RandomHorizontalFlip())

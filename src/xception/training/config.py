@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.segmentation import check_scale_range
 from ..errors import InvalidArgumentError
 from ..precision import TRAINING_PRECISIONS
 from .recipes import OPTIMIZERS, RECIPES, TASKS, Recipe, get_recipe
@@ -91,6 +92,9 @@ class TrainConfig:
                                       flag="--augment", choices=(*CLASSIFICATION_AUGMENTATIONS, "deeplab"),
                                       task_choices={"classification": CLASSIFICATION_AUGMENTATIONS,
                                                     "segmentation": ("deeplab", "basic", "none")})
+    scale_range: tuple[float, float] | None = option(None, "the range of the deeplab augmentation's random scale "
+                                                           "(default: the recipe's; DeepLab's is 0.5 2.0)",
+                                                     recipe=True, tasks=SEGMENTATION)
     mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
                                  tasks=CLASSIFICATION)
     cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
@@ -151,6 +155,8 @@ class TrainConfig:
             except re.error as error:
                 raise InvalidArgumentError(f"freeze (--freeze) is not a regular expression: {error}") from None
         self.model_options = dict(self.model_options)
+        if self.scale_range is not None:
+            self.scale_range = check_scale_range(self.scale_range)  # a tuple, also when given a list
         for item in fields(self):
             problem = bound_problem(getattr(self, item.name), item.metadata)
             if problem:
@@ -223,6 +229,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, model_choices: list[str
         flag = {"dest": item.name, "help": help_text}
         if item.name == "model_options":
             parser.add_argument(name, action="append", default=[], metavar="KEY=VALUE", **flag)
+        elif item.type == "tuple[float, float] | None":
+            parser.add_argument(name, type=bounded(float, above=0), nargs=2, metavar=("LOW", "HIGH"), **flag)
         elif item.type == "bool | None":
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, **flag)
         elif item.type == "bool" and default:

@@ -112,7 +112,8 @@ class SegmentationTask:
         if config.data == "fashion-mnist":
             raise InvalidArgumentError("segmentation trains on a folder: --data DIR with classes.txt, "
                                        "train/images/<stem>.jpg, train/labels/<stem>.png and val/ alike")
-        augmentation = SegmentationTrainTransform(recipe.img_size, self.ignore_index, recipe.augmentation)
+        augmentation = SegmentationTrainTransform(recipe.img_size, self.ignore_index, recipe.augmentation,
+                                                  scale_range=recipe.scale_range)
         train = SegmentationDataset.from_folder(config.data, "train", augmentation, ignore_index=self.ignore_index,
                                                 seed=config.seed)
         val = SegmentationDataset.from_folder(config.data, "val", SegmentationEvalTransform(),
