@@ -220,7 +220,8 @@ def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(dat
 
 def test_the_scale_range_reaches_the_training_augmentation(data: Path, tmp_path: Path) -> None:
     """--scale-range (a list from the command line or JSON) overrides the recipe's DeepLab 0.5-2.0 in the
-    transform of the training set; a bad range is refused when the config is made, before any data is read."""
+    transform of the training set; a bad range is refused when the config is made, and a range with an
+    augmentation that does not scale when the data are set up, before any training."""
     assert get_recipe("camvid").scale_range == (0.5, 2.0)
     for scale_range, expected in ((None, (0.5, 2.0)), ([0.75, 1.5], (0.75, 1.5))):
         options = config(data, tmp_path, augmentation="deeplab", scale_range=scale_range)
@@ -229,6 +230,9 @@ def test_the_scale_range_reaches_the_training_augmentation(data: Path, tmp_path:
         assert recipe.scale_range == expected and train_set.transform.scale_range == expected
     with pytest.raises(InvalidArgumentError, match=r"needs 0 < LOW <= HIGH, got 2 1"):
         config(data, tmp_path, scale_range=(2, 1))
+    basic = config(data, tmp_path, augmentation="basic", scale_range=(0.75, 1.5))
+    with pytest.raises(InvalidArgumentError, match="trains with --augment basic, which does not scale"):
+        SegmentationTask(basic).datasets(basic.resolved_recipe(), Distributed())
 
 
 def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:

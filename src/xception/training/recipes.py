@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..data.segmentation import SCALE_RANGE
 from ..errors import InvalidArgumentError
 
 TASKS = ("classification", "segmentation")
@@ -41,7 +42,7 @@ class Recipe:
     img_size: int = 299  # segmentation: the side of the square training crop (evaluation is at full resolution)
     output_stride: int = 16  # segmentation: the backbone's output stride (DeepLab trains at 16)
     augmentation: str = "inception"  # see xception.data.train_transform
-    scale_range: tuple[float, float] = (0.5, 2.0)  # segmentation, "deeplab" augmentation: the random scale's range
+    scale_range: tuple[float, float] = SCALE_RANGE  # segmentation, "deeplab" augmentation: the random scale's range
     eval_resize_ratio: float = 1.0  # eval: resize to img_size * ratio, centre crop img_size
     drop_rate: float = 0.0
     label_smoothing: float = 0.0

@@ -112,6 +112,10 @@ class SegmentationTask:
         if config.data == "fashion-mnist":
             raise InvalidArgumentError("segmentation trains on a folder: --data DIR with classes.txt, "
                                        "train/images/<stem>.jpg, train/labels/<stem>.png and val/ alike")
+        if config.scale_range is not None and recipe.augmentation != "deeplab":
+            raise InvalidArgumentError(f"--scale-range sets the random scale of the deeplab augmentation, but this run "
+                                       f"trains with --augment {recipe.augmentation}, which does not scale: drop "
+                                       "--scale-range, or use --augment deeplab")
         augmentation = SegmentationTrainTransform(recipe.img_size, self.ignore_index, recipe.augmentation,
                                                   scale_range=recipe.scale_range)
         train = SegmentationDataset.from_folder(config.data, "train", augmentation, ignore_index=self.ignore_index,
