@@ -6,6 +6,7 @@ at the full 480x360.
                                 [--augmentation deeplab|basic|none] [--scale-range LOW HIGH]
                                 [--class-weights median-frequency]
                                 [--set KEY=VALUE ...]
+    python benchmarks/camvid.py --compare benchmarks/results/camvid.json benchmarks/results/camvid-*/camvid.json
 
 Trains through :func:`xception.training.train` (what ``xception segment train`` runs) and evaluates through
 :func:`xception.inference_segmentation.evaluate_segmenter` (what ``xception segment eval`` runs). Writes, in
@@ -21,7 +22,8 @@ Trains through :func:`xception.training.train` (what ``xception segment train`` 
 and prints the per-class IoU as a markdown table for the README. ``--smoke`` takes the same path in seconds (4
 training images, 2 for the per-epoch evaluation, 136-pixel crops that the network sees at half size, batches of 2,
 2 epochs) and writes its results into ``OUTPUT/results`` rather than benchmarks/results, unless ``--results`` says
-otherwise.
+otherwise. ``--compare`` trains nothing: it prints recorded runs side by side (their flags, best checkpoint, and
+the mean of their last 10 epochs, which swings less than one epoch's figure).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ RECIPE = "camvid"
 TARGET_MIOU = 0.65  # issue #14: at least 65% on val within 30 minutes of training on this machine
 SMOKE = {"train_subset": 4, "val_subset": 2, "img_size": 136, "batch_size": 2, "epochs": 2}
 FIGURE_IMAGES = 4
+STEADY_EPOCHS = 10  # --compare: the mean over this many last epochs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="also evaluate with flip and multi-scale inference")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of the final evaluation")
     parser.add_argument("--smoke", action="store_true", help="the same path on a few images in seconds: a test")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: print a markdown table of recorded runs (their camvid.json files), "
+                             "with the mean of each curve's last epochs beside the best checkpoint")
     return parser.parse_args(argv)
 
 
@@ -177,8 +183,44 @@ def iou_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def last_epochs_mean(result: dict[str, Any], epochs: int = STEADY_EPOCHS) -> float | None:
+    """The mean val mIoU of the curve's last ``epochs`` epochs: steadier than the best checkpoint's, which is
+    picked on the same val split from epochs that swing by a few points."""
+    curve = result["curve"][-epochs:]
+    return sum(point["miou"] for point in curve) / len(curve) if curve else None
+
+
+def variant_flags(command: str) -> str:
+    """The flags that set a recorded run apart: its command without the script and the paths it wrote to."""
+    words, kept = iter(shlex.split(command)[2:]), []
+    for word in words:
+        if word in ("--output", "--results", "--data"):
+            next(words, None)  # and its value
+        else:
+            kept.append(word)
+    return f"`{shlex.join(kept)}`" if kept else "none"
+
+
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """Recorded runs side by side: flags, optimizer (the recipe's changed between records), best checkpoint's
+    mIoU (and with --tta), the last epochs' mean, minutes."""
+    lines = [f"| flags | optimizer | val mIoU (best epoch) | with flip and multi-scale | mean of the last "
+             f"{STEADY_EPOCHS} epochs | minutes |", "|---|---|---:|---:|---:|---:|"]
+    for result in results:
+        tta = f"{100 * result['tta']['miou']:.1f}%" if result.get("tta") else "n/a"
+        steady = last_epochs_mean(result)
+        optimizer = f"{result['recipe']['optimizer']} {result['recipe']['lr']:g}"
+        lines.append(f"| {variant_flags(result['command'])} | {optimizer} | {100 * result['miou']:.1f}% "
+                     f"({result['best_epoch']}) | {tta} | {'n/a' if steady is None else f'{100 * steady:.1f}%'} | "
+                     f"{result['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        print(compare_table([json.loads(path.read_text()) for path in args.compare]))
+        return 0
     command = shlex.join(["python", "benchmarks/camvid.py", *(sys.argv[1:] if argv is None else argv)])
     results = args.results or (args.output / "results" if args.smoke else ROOT / "results")
     if (args.output / "last.safetensors").exists():
@@ -213,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if history:
         plot_curve(result["curve"], results / "camvid_curve.png", args.max_minutes)
     print(iou_table(result))
+    steady = last_epochs_mean(result)
+    steady_text = "no epoch finished" if steady is None else f"{100 * steady:.1f}% over the last {STEADY_EPOCHS} epochs"
     print(f"\nCamVid val mIoU {100 * result['miou']:.1f}% ({result['checkpoint']} checkpoint, epoch "
-          f"{result['best_epoch']}) after {minutes:.1f} minutes of training, {result['steps']} steps, "
-          f"{result['epochs']} epochs ({result['stopped']}); {result['machine']}")
+          f"{result['best_epoch']}; {steady_text}) after "
+          f"{minutes:.1f} minutes of training, {result['steps']} steps, {result['epochs']} epochs "
+          f"({result['stopped']}); {result['machine']}")
     if trained["stopped"] != "finished":
         print(f"note: the run stopped before the recipe's {recipe.epochs} epochs, so its poly schedule did not reach "
               "its end; fewer --epochs would fit the budget")

@@ -69,6 +69,25 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
         assert f"| {name} | " in printed
     assert f"| **mIoU** | {100 * result['miou']:.1f} | {100 * result['tta']['miou']:.1f} |" in printed
 
+    # --compare reads the file just written: the flags without the paths, the mean of its two epochs.
+    assert camvid.main(["--compare", str(results / "camvid.json")]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    steady = 100 * (result["curve"][0]["miou"] + result["curve"][1]["miou"]) / 2
+    assert row.startswith(f"| `--smoke --tta` | adamw 0.002 | {100 * result['miou']:.1f}% ({result['best_epoch']}) | ")
+    assert row.endswith(f"| {steady:.1f}% | {result['minutes']:.1f} |")
+
+
+def test_compare_takes_the_mean_of_the_last_ten_epochs_and_drops_the_paths(camvid):
+    curve = [{"epoch": epoch, "miou": epoch / 100} for epoch in range(1, 13)]  # 0.01 ... 0.12
+    result = {"command": "python benchmarks/camvid.py --output runs/x --set 'atrous_rates=(3, 6, 9)' --results r "
+                         "--tta --data d", "recipe": {"optimizer": "sgd", "lr": 0.05}, "miou": 0.125,
+              "best_epoch": 12, "tta": None, "minutes": 29.96, "curve": curve}
+    assert camvid.last_epochs_mean(result) == pytest.approx(0.075)  # epochs 3-12
+    assert camvid.variant_flags(result["command"]) == "`--set 'atrous_rates=(3, 6, 9)' --tta`"
+    assert camvid.variant_flags("python benchmarks/camvid.py --output runs/camvid") == "none"
+    assert camvid.compare_table([result]).splitlines()[-1] == (
+        "| `--set 'atrous_rates=(3, 6, 9)' --tta` | sgd 0.05 | 12.5% (12) | n/a | 7.5% | 30.0 |")
+
 
 def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
     run = tmp_path / "run"
