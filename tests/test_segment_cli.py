@@ -95,9 +95,8 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
             "deeplabv3_xception65", "--set", "aspp_channels=64", "--epochs", "3", "--batch-size", "4", "--lr", "0.01",
             "--crop-size", "256", "--backbone-weights", "tf_in1k", "--output-stride", "8", "--ignore-index", "254",
             "--class-weights", "median-frequency", "--augment", "basic", "--scale-range", "0.75", "1.5", "--resume",
-            "--deterministic",
-            "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10", "--label-smoothing", "0.1",
-            "--weights", "runs/camvid"]
+            "--deterministic", "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10",
+            "--label-smoothing", "0.1", "--weights", "runs/camvid"]
     args = build_parser().parse_args(argv)
     config = config_from_args(args, parse_options(args.model_options), task="segmentation")
     assert (config.task, config.data, config.model, config.model_options) == (

@@ -328,8 +328,8 @@ class SegmentationTrainTransform:
         if self.style not in SEGMENTATION_AUGMENTATIONS:
             raise InvalidArgumentError(f"segmentation augmentation must be one of "
                                        f"{', '.join(SEGMENTATION_AUGMENTATIONS)}, got {self.style!r}")
-        low, high = check_scale_range(self.scale_range)
-        object.__setattr__(self, "scale_range", (low, high))  # frozen: a list (from JSON) kept as a tuple
+        # frozen: set once here, a list (from JSON) kept as a tuple
+        object.__setattr__(self, "scale_range", check_scale_range(self.scale_range))
         object.__setattr__(self, "_steps", self._build())  # frozen: set once here
 
     def _build(self) -> v2.Compose:

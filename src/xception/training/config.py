@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..data.segmentation import check_scale_range
+from ..data.segmentation import SEGMENTATION_AUGMENTATIONS, check_scale_range
 from ..errors import InvalidArgumentError
 from ..precision import TRAINING_PRECISIONS
 from .recipes import OPTIMIZERS, RECIPES, TASKS, Recipe, get_recipe
@@ -91,7 +91,7 @@ class TrainConfig:
                                             "(crop)", recipe=True,
                                       flag="--augment", choices=(*CLASSIFICATION_AUGMENTATIONS, "deeplab"),
                                       task_choices={"classification": CLASSIFICATION_AUGMENTATIONS,
-                                                    "segmentation": ("deeplab", "basic", "none")})
+                                                    "segmentation": SEGMENTATION_AUGMENTATIONS})
     scale_range: tuple[float, float] | None = option(None, "the range of the deeplab augmentation's random scale "
                                                            "(default: the recipe's; DeepLab's is 0.5 2.0)",
                                                      recipe=True, tasks=SEGMENTATION)
