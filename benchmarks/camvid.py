@@ -3,7 +3,7 @@ for a fixed budget of minutes on this machine, then its best checkpoint (else it
 at the full 480x360.
 
     python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
-                                [--augmentation deeplab|basic|none] [--scale-range LOW HIGH]
+                                [--augment deeplab|basic|none] [--scale-range LOW HIGH]
                                 [--class-weights median-frequency]
                                 [--set KEY=VALUE ...]
     python benchmarks/camvid.py --compare benchmarks/results/camvid.json benchmarks/results/camvid-*/camvid.json
@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "with --smoke, OUTPUT/results)")
     parser.add_argument("--epochs", type=int, help="the recipe's epochs, overridden (its poly schedule ends there)")
     parser.add_argument("--crop-size", type=int, help="the recipe's training crop, overridden")
-    parser.add_argument("--augmentation", choices=SEGMENTATION_AUGMENTATIONS,
+    # --augment as in xception segment train; --augmentation, the spelling of the recorded commands, still works
+    parser.add_argument("--augment", "--augmentation", dest="augmentation", choices=SEGMENTATION_AUGMENTATIONS,
                         help="the recipe's training augmentation, overridden (deeplab: random scale 0.5-2.0, crop, "
                              "flip, colour jitter; basic: crop and flip)")
     parser.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"),

@@ -105,9 +105,10 @@ def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_pa
                                                          "median-frequency"])).resolved_recipe()
     assert plain.class_weights is None and weighted.class_weights == "median-frequency"
     assert weighted == dataclasses.replace(plain, class_weights="median-frequency")
-    basic = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "c"), "--augmentation",
-                                                      "basic"])).resolved_recipe()
-    assert basic == dataclasses.replace(plain, augmentation="basic")
+    for flag in ("--augment", "--augmentation"):  # segment train's spelling, and the recorded commands'
+        basic = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "c"), flag,
+                                                          "basic"])).resolved_recipe()
+        assert basic == dataclasses.replace(plain, augmentation="basic")
     assert plain.model_options["input_scale"] == 0.5 and plain.img_size == 448
 
 
