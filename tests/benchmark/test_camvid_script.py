@@ -78,6 +78,8 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
 
 
 def test_compare_takes_the_mean_of_the_last_ten_epochs_and_drops_the_paths(camvid):
+    """The result below has the fields --compare reads, named as camvid.main writes them (the smoke test above
+    feeds --compare a file that main wrote); the curve is made up so that the mean can be checked by hand."""
     curve = [{"epoch": epoch, "miou": epoch / 100} for epoch in range(1, 13)]  # 0.01 ... 0.12
     result = {"command": "python benchmarks/camvid.py --output runs/x --set 'atrous_rates=(3, 6, 9)' --results r "
                          "--tta --data d", "recipe": {"optimizer": "sgd", "lr": 0.05}, "miou": 0.125,
