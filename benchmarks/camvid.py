@@ -4,7 +4,7 @@ at the full 480x360.
 
     python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
                                 [--augment deeplab|basic|none] [--scale-range LOW HIGH]
-                                [--class-weights median-frequency]
+                                [--class-weights median-frequency] [--batch-size N] [--lr LR]
                                 [--set KEY=VALUE ...]
     python benchmarks/camvid.py --compare benchmarks/results/camvid.json benchmarks/results/camvid-*/camvid.json
 
@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "with --smoke, OUTPUT/results)")
     parser.add_argument("--epochs", type=int, help="the recipe's epochs, overridden (its poly schedule ends there)")
     parser.add_argument("--crop-size", type=int, help="the recipe's training crop, overridden")
+    parser.add_argument("--batch-size", type=int, help="the recipe's images per step, overridden")
+    parser.add_argument("--lr", type=float, help="the recipe's learning rate at its reference batch size, overridden "
+                                                 "(scaled linearly to the batch size, as in xception segment train)")
     # --augment as in xception segment train; --augmentation, the spelling of the recorded commands, still works
     parser.add_argument("--augment", "--augmentation", dest="augmentation", choices=SEGMENTATION_AUGMENTATIONS,
                         help="the recipe's training augmentation, overridden (deeplab: random scale 0.5-2.0, crop, "
@@ -99,9 +102,11 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
         sizes["epochs"] = args.epochs
     if args.crop_size is not None:
         sizes["img_size"] = args.crop_size
+    if args.batch_size is not None:
+        sizes["batch_size"] = args.batch_size
     return TrainConfig(task="segmentation", data=str(args.data), recipe=RECIPE, output=args.output,
                        max_minutes=args.max_minutes, seed=args.seed, class_weights=args.class_weights,
-                       augmentation=args.augmentation, scale_range=args.scale_range,
+                       augmentation=args.augmentation, scale_range=args.scale_range, lr=args.lr,
                        model_options=parse_options(args.set), progress=not args.smoke, **sizes)
 
 
@@ -202,6 +207,13 @@ def variant_flags(command: str) -> str:
     return f"`{shlex.join(kept)}`" if kept else "none"
 
 
+def optimizer_text(recipe: dict[str, Any]) -> str:
+    """The optimizer, its learning rate at the batch size the run used (the recipe's rate is for its reference
+    batch size and scales linearly) and that batch size: 'adamw 0.002 at batch 8'."""
+    lr = recipe["lr"] * recipe["batch_size"] / recipe["reference_batch_size"]
+    return f"{recipe['optimizer']} {lr:g} at batch {recipe['batch_size']}"
+
+
 def compare_table(results: list[dict[str, Any]]) -> str:
     """Recorded runs side by side: flags, optimizer (the recipe's changed between records), best checkpoint's
     mIoU (and with --tta), the last epochs' mean, minutes."""
@@ -210,9 +222,9 @@ def compare_table(results: list[dict[str, Any]]) -> str:
     for result in results:
         tta = f"{100 * result['tta']['miou']:.1f}%" if result.get("tta") else "n/a"
         steady = last_epochs_mean(result)
-        optimizer = f"{result['recipe']['optimizer']} {result['recipe']['lr']:g}"
-        lines.append(f"| {variant_flags(result['command'])} | {optimizer} | {100 * result['miou']:.1f}% "
-                     f"({result['best_epoch']}) | {tta} | {'n/a' if steady is None else f'{100 * steady:.1f}%'} | "
+        steady_text = "n/a" if steady is None else f"{100 * steady:.1f}%"
+        lines.append(f"| {variant_flags(result['command'])} | {optimizer_text(result['recipe'])} | "
+                     f"{100 * result['miou']:.1f}% ({result['best_epoch']}) | {tta} | {steady_text} | "
                      f"{result['minutes']:.1f} |")
     return "\n".join(lines)
 

@@ -73,7 +73,8 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     assert camvid.main(["--compare", str(results / "camvid.json")]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     steady = 100 * (result["curve"][0]["miou"] + result["curve"][1]["miou"]) / 2
-    assert row.startswith(f"| `--smoke --tta` | adamw 0.002 | {100 * result['miou']:.1f}% ({result['best_epoch']}) | ")
+    assert row.startswith(f"| `--smoke --tta` | adamw 0.0005 at batch 2 | {100 * result['miou']:.1f}% "
+                          f"({result['best_epoch']}) | ")
     assert row.endswith(f"| {steady:.1f}% | {result['minutes']:.1f} |")
 
 
@@ -82,13 +83,14 @@ def test_compare_takes_the_mean_of_the_last_ten_epochs_and_drops_the_paths(camvi
     feeds --compare a file that main wrote); the curve is made up so that the mean can be checked by hand."""
     curve = [{"epoch": epoch, "miou": epoch / 100} for epoch in range(1, 13)]  # 0.01 ... 0.12
     result = {"command": "python benchmarks/camvid.py --output runs/x --set 'atrous_rates=(3, 6, 9)' --results r "
-                         "--tta --data d", "recipe": {"optimizer": "sgd", "lr": 0.05}, "miou": 0.125,
+                         "--tta --data d", "recipe": {"optimizer": "sgd", "lr": 0.05, "batch_size": 4,
+                                                   "reference_batch_size": 8}, "miou": 0.125,
               "best_epoch": 12, "tta": None, "minutes": 29.96, "curve": curve}
     assert camvid.last_epochs_mean(result) == pytest.approx(0.075)  # epochs 3-12
     assert camvid.variant_flags(result["command"]) == "`--set 'atrous_rates=(3, 6, 9)' --tta`"
     assert camvid.variant_flags("python benchmarks/camvid.py --output runs/camvid") == "none"
     assert camvid.compare_table([result]).splitlines()[-1] == (
-        "| `--set 'atrous_rates=(3, 6, 9)' --tta` | sgd 0.05 | 12.5% (12) | n/a | 7.5% | 30.0 |")
+        "| `--set 'atrous_rates=(3, 6, 9)' --tta` | sgd 0.025 at batch 4 | 12.5% (12) | n/a | 7.5% | 30.0 |")
 
 
 def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
@@ -101,7 +103,7 @@ def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
 
 def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_path):
     """The recorded run takes the camvid recipe as it is; --class-weights (the median-frequency record) changes
-    only the loss's class weights, --augmentation only the augmentation."""
+    only the loss's class weights, --augmentation only the augmentation, --batch-size and --lr only those."""
     plain = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "a")])).resolved_recipe()
     weighted = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "b"), "--class-weights",
                                                          "median-frequency"])).resolved_recipe()
@@ -112,6 +114,9 @@ def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_pa
                                                           "basic"])).resolved_recipe()
         assert basic == dataclasses.replace(plain, augmentation="basic")
     assert plain.model_options["input_scale"] == 0.5 and plain.img_size == 448
+    smaller = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "d"), "--batch-size", "4",
+                                                        "--lr", "0.004"])).resolved_recipe()
+    assert smaller == dataclasses.replace(plain, batch_size=4, lr=0.004)
 
 
 def test_set_passes_architecture_options_on_top_of_the_recipes(camvid, tmp_path):
