@@ -7,6 +7,7 @@ at the full 480x360.
                                 [--class-weights median-frequency] [--batch-size N] [--lr LR]
                                 [--set KEY=VALUE ...]
     python benchmarks/camvid.py --compare benchmarks/results/camvid.json benchmarks/results/camvid-*/camvid.json
+    python benchmarks/camvid.py --ceiling 4 8 16
 
 Trains through :func:`xception.training.train` (what ``xception segment train`` runs) and evaluates through
 :func:`xception.inference_segmentation.evaluate_segmenter` (what ``xception segment eval`` runs). Writes, in
@@ -23,13 +24,16 @@ and prints the per-class IoU as a markdown table for the README. ``--smoke`` tak
 training images, 2 for the per-epoch evaluation, 136-pixel crops that the network sees at half size, batches of 2,
 2 epochs) and writes its results into ``OUTPUT/results`` rather than benchmarks/results, unless ``--results`` says
 otherwise. ``--compare`` trains nothing: it prints recorded runs side by side (their flags, best checkpoint, and
-the mean of their last 10 epochs, which swings less than one epoch's figure).
+the mean of their last 10 epochs, which swings less than one epoch's figure). ``--ceiling`` trains nothing
+either: it prints how much of each class survives class scores at each given stride on the val labels (see
+:func:`resolution_ceiling`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from xception.cli import parse_options
 from xception.data import SampleKey, SegmentationDataset, SegmentationEvalTransform
@@ -48,7 +53,7 @@ from xception.experiments.report import machine_description, today
 from xception.files import save_figure, write_text_atomic
 from xception.inference_segmentation import LoadedSegmenter, evaluate_segmenter, load_segmenter
 from xception.training import TrainConfig, train
-from xception.training.segmentation_metrics import segment
+from xception.training.segmentation_metrics import confusion_matrix, mean_iou, per_class_iou, segment
 
 ROOT = Path(__file__).resolve().parent
 CAMVID = ROOT.parent.parent / "shared" / "datasets" / "camvid"  # ../shared/datasets/camvid from the repository
@@ -92,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: print a markdown table of recorded runs (their camvid.json files), "
                              "with the mean of each curve's last epochs beside the best checkpoint")
+    parser.add_argument("--ceiling", type=int, nargs="+", metavar="STRIDE",
+                        help="train nothing: print the per-class IoU on the val labels of their own class "
+                             "fractions at 1/STRIDE of their resolution, resized back (the recipe's scores are at 8)")
     return parser.parse_args(argv)
 
 
@@ -229,10 +237,52 @@ def compare_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def resolution_ceiling(data: Path, strides: list[int], split: str = "val") -> dict[int, dict[str, Any]]:
+    """How much of each class survives class scores at 1/stride of the labels' resolution, resized back bilinearly
+    as DeepLab's are: the mIoU and per-class IoU of each label map's own class fractions over stride x stride
+    cells (its one-hot encoding averaged), resized back and arg-maxed, against the labels. Ignored pixels vote for
+    no class. A guide, not a strict bound: a network's scores are not fractions, and their magnitudes can move a
+    boundary between cell centres. The camvid recipe's scores are at stride 8 of the image (the decoder's stride 4,
+    at input_scale 0.5)."""
+    dataset = SegmentationDataset.from_folder(data, split, SegmentationEvalTransform())
+    num_classes = len(dataset.classes)
+    confusions = {stride: torch.zeros(num_classes, num_classes, dtype=torch.long) for stride in strides}
+    for index in range(len(dataset)):
+        sample = dataset[SampleKey(0, index)]
+        if sample is None:  # an image that cannot be decoded: the evaluation skips it too
+            continue
+        mask = sample[1]
+        labelled = mask != dataset.ignore_index
+        one_hot = F.one_hot(torch.where(labelled, mask, 0), num_classes) * labelled[..., None]
+        one_hot = one_hot.permute(2, 0, 1)[None].float()
+        for stride in strides:
+            cells = (math.ceil(mask.shape[0] / stride), math.ceil(mask.shape[1] / stride))
+            scores = F.interpolate(F.adaptive_avg_pool2d(one_hot, cells), size=mask.shape, mode="bilinear",
+                                   align_corners=False)
+            confusions[stride] += confusion_matrix(scores[0].argmax(0), mask, num_classes, dataset.ignore_index)
+    return {stride: {"miou": mean_iou(confusion),
+                     "per_class_iou": dict(zip(dataset.classes, per_class_iou(confusion), strict=True))}
+            for stride, confusion in confusions.items()}
+
+
+def ceiling_table(ceilings: dict[int, dict[str, Any]]) -> str:
+    classes = list(next(iter(ceilings.values()))["per_class_iou"])
+    lines = ["| scores at stride | " + " | ".join(classes) + " | mIoU |", "|---:|" + "---:|" * (len(classes) + 1)]
+    for stride, ceiling in ceilings.items():
+        cells = ["n/a" if iou is None else f"{100 * iou:.1f}" for iou in ceiling["per_class_iou"].values()]
+        lines.append(f"| {stride} | " + " | ".join(cells) + f" | {100 * ceiling['miou']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compare:
         print(compare_table([json.loads(path.read_text()) for path in args.compare]))
+        return 0
+    if args.ceiling:
+        if min(args.ceiling) < 1:
+            raise InvalidArgumentError(f"--ceiling takes strides of 1 or more, got {args.ceiling}")
+        print(ceiling_table(resolution_ceiling(args.data, args.ceiling)))
         return 0
     command = shlex.join(["python", "benchmarks/camvid.py", *(sys.argv[1:] if argv is None else argv)])
     results = args.results or (args.output / "results" if args.smoke else ROOT / "results")

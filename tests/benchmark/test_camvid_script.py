@@ -9,6 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from segmentation_samples import CLASSES, write_segmentation_folder
@@ -73,7 +74,7 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     assert camvid.main(["--compare", str(results / "camvid.json")]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     steady = 100 * (result["curve"][0]["miou"] + result["curve"][1]["miou"]) / 2
-    assert row.startswith(f"| `--smoke --tta` | adamw 0.0005 at batch 2 | {100 * result['miou']:.1f}% "
+    assert row.startswith(f"| `--smoke --tta` | adamw 0.001 at batch 2 | {100 * result['miou']:.1f}% "
                           f"({result['best_epoch']}) | ")
     assert row.endswith(f"| {steady:.1f}% | {result['minutes']:.1f} |")
 
@@ -134,3 +135,29 @@ def test_set_passes_architecture_options_on_top_of_the_recipes(camvid, tmp_path)
     assert dilations == [[(3, 3)], [(6, 6)], [(9, 9)]]
     with pytest.raises(ValueError, match="KEY=VALUE"):
         camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "c"), "--set", "input_scale"]))
+
+
+def test_resolution_ceiling_loses_thin_classes_first(camvid, tmp_path, capsys):
+    """A 64x64 label map: class 1 a 2-pixel-wide vertical line, class 2 a 32x32 block on the 16-pixel grid, a
+    row of ignored pixels. At stride 1 every class is exact; at stride 16 no cell holds more line than
+    background, so the line is never predicted, while the block loses at most its blurred border."""
+    data = write_segmentation_folder(tmp_path / "scenes", train=1, val=1, size=(64, 64))
+    label = np.zeros((64, 64), np.uint8)
+    label[:, 40:42] = 1
+    label[16:48, 0:32] = 2
+    label[0, :] = 255
+    Image.fromarray(label).save(data / "val" / "labels" / "val000.png")
+
+    ceilings = camvid.resolution_ceiling(data, [1, 16])
+    assert ceilings[1]["per_class_iou"] == {"background": 1.0, "box": 1.0, "square": 1.0}
+    assert ceilings[1]["miou"] == 1.0
+    coarse = ceilings[16]["per_class_iou"]
+    assert coarse["box"] == 0.0 and coarse["square"] > 0.8 and coarse["background"] > 0.8
+
+    assert camvid.main(["--ceiling", "1", "16", "--data", str(data)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "| scores at stride | background | box | square | mIoU |"
+    assert printed[2] == "| 1 | 100.0 | 100.0 | 100.0 | 100.0 |"
+    assert printed[3].startswith("| 16 | ") and "| 0.0 |" in printed[3]
+    with pytest.raises(ValueError, match="strides of 1 or more"):
+        camvid.main(["--ceiling", "0", "--data", str(data)])

@@ -50,9 +50,10 @@ def test_variants_change_one_factor_each():
         "compact-backbone": ("segmentation", "deeplabv3plus_xception", 16, 320),
         "output-stride-8": ("segmentation", "deeplabv3plus_xception", 8, 320),
         "small-crop": ("segmentation", "deeplabv3plus_xception", 16, 240)}
-    # The optimizer of the recorded runs (SGD, 0.05 at the reference batch of 8); the recipe has moved to AdamW.
-    assert {(r.optimizer, r.lr, r.momentum, r.reference_batch_size) for r in configs.values()} == {
-        ("sgd", 0.05, 0.9, 8)}
+    # The optimizer and batch of the recorded runs (SGD, 0.05 at batches of 8); the recipe has moved to AdamW in
+    # batches of 4.
+    assert {(r.optimizer, r.momentum, r.batch_size) for r in configs.values()} == {("sgd", 0.9, 8)}
+    assert all(r.lr * r.batch_size / r.reference_batch_size == pytest.approx(0.05) for r in configs.values())
     # The camvid recipe's network, at full resolution as recorded (the recipe itself runs it at half).
     narrow = {**get_recipe("camvid").model_options, "input_scale": 1.0}
     options = {v.key: experiments.model_options(v)[1] for v in variants}

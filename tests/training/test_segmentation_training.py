@@ -116,7 +116,8 @@ def config(data: Path, output: Path, **options) -> TrainConfig:
 @pytest.fixture(scope="module")
 def trained_run(data: Path, tmp_path_factory, one_thread) -> tuple[Path, dict]:
     output = tmp_path_factory.mktemp("segmentation-run")
-    return output, train(config(data, output, epochs=6, lr=0.4, class_weights="median-frequency"))
+    # 0.2 at the camvid recipe's reference batch of 4: 0.4 at the batch of 8 here
+    return output, train(config(data, output, epochs=6, lr=0.2, class_weights="median-frequency"))
 
 
 def test_test_time_scales_below_the_models_minimum_are_left_out() -> None:

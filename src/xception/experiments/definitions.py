@@ -29,8 +29,11 @@ EXPERIMENT_NAMES = ("activation", "residual", "spectrum", "order", "inception")
 SEGMENTATION_EXPERIMENTS = ("decoder",)
 FULL_SCALE = {"input_scale": 1.0}  # the decoder experiment's DeepLab models run at the images' own resolution
 # ... and train with the optimizer of its recorded runs (benchmarks/results/decoder/), the camvid recipe's until it
-# moved to AdamW: SGD with the recipe's momentum 0.9, 0.05 at its reference batch of 8.
-RECORDED_OPTIMIZER = {"optimizer": "sgd", "lr": 0.05}
+# moved to AdamW: SGD with the recipe's momentum 0.9, 0.05 at a batch of 8 (given at the recipe's reference batch,
+# which the loop scales linearly).
+RECORDED_LR, RECORDED_LR_BATCH = 0.05, 8
+RECORDED_OPTIMIZER = {"optimizer": "sgd",
+                      "lr": RECORDED_LR * get_recipe(SEGMENTATION_RECIPE).reference_batch_size / RECORDED_LR_BATCH}
 RECIPE = "compact"
 SPECTRUM_SEGMENTS = (1, 4, 16, None)  # None: one segment per channel, a depthwise convolution (Xception)
 BASELINE_KEY = "xception"
