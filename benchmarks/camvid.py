@@ -53,6 +53,7 @@ from xception.experiments.report import machine_description, today
 from xception.files import save_figure, write_text_atomic
 from xception.inference_segmentation import LoadedSegmenter, evaluate_segmenter, load_segmenter
 from xception.training import TrainConfig, train
+from xception.training.config import bounded
 from xception.training.segmentation_metrics import confusion_matrix, mean_iou, per_class_iou, segment
 
 ROOT = Path(__file__).resolve().parent
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: print a markdown table of recorded runs (their camvid.json files), "
                              "with the mean of each curve's last epochs beside the best checkpoint")
-    parser.add_argument("--ceiling", type=int, nargs="+", metavar="STRIDE",
+    parser.add_argument("--ceiling", type=bounded(int, minimum=1), nargs="+", metavar="STRIDE",
                         help="train nothing: print the per-class IoU on the val labels of their own class "
                              "fractions at 1/STRIDE of their resolution, resized back (the recipe's scores are at 8)")
     return parser.parse_args(argv)
@@ -280,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         print(compare_table([json.loads(path.read_text()) for path in args.compare]))
         return 0
     if args.ceiling:
-        if min(args.ceiling) < 1:
-            raise InvalidArgumentError(f"--ceiling takes strides of 1 or more, got {args.ceiling}")
         print(ceiling_table(resolution_ceiling(args.data, args.ceiling)))
         return 0
     command = shlex.join(["python", "benchmarks/camvid.py", *(sys.argv[1:] if argv is None else argv)])

@@ -16,6 +16,7 @@ from ..models import create_model
 from ..training import TrainConfig
 from ..training.recipes import get_recipe
 from .segmentation import (
+    RECORDED_BATCH_SIZE,
     SEGMENTATION_RECIPE,
     SegmentationSettings,
     count_segmentation_data,
@@ -31,9 +32,9 @@ FULL_SCALE = {"input_scale": 1.0}  # the decoder experiment's DeepLab models run
 # ... and train with the optimizer of its recorded runs (benchmarks/results/decoder/), the camvid recipe's until it
 # moved to AdamW: SGD with the recipe's momentum 0.9, 0.05 at a batch of 8 (given at the recipe's reference batch,
 # which the loop scales linearly).
-RECORDED_LR, RECORDED_LR_BATCH = 0.05, 8
+RECORDED_LR = 0.05
 RECORDED_OPTIMIZER = {"optimizer": "sgd",
-                      "lr": RECORDED_LR * get_recipe(SEGMENTATION_RECIPE).reference_batch_size / RECORDED_LR_BATCH}
+                      "lr": RECORDED_LR * get_recipe(SEGMENTATION_RECIPE).reference_batch_size / RECORDED_BATCH_SIZE}
 RECIPE = "compact"
 SPECTRUM_SEGMENTS = (1, 4, 16, None)  # None: one segment per channel, a depthwise convolution (Xception)
 BASELINE_KEY = "xception"
