@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the range of the deeplab augmentation's random scale, overridden (the recipe's: "
                              "DeepLab's 0.5 2.0)")
+    parser.add_argument("--lovasz-weight", type=bounded(float, minimum=0), help="the recipe's weight of the "
+                        "Lovász-softmax term beside the cross-entropy, overridden (0: cross-entropy alone)")
+    parser.add_argument("--label-stride", type=bounded(int, minimum=1), help="the recipe's label stride of the "
+                        "training loss, overridden (1: every pixel of the crop)")
     parser.add_argument("--class-weights", choices=("median-frequency",), help="weigh the loss by class (default: "
                                                                                "the recipe's, unweighted)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -116,6 +120,7 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(task="segmentation", data=str(args.data), recipe=RECIPE, output=args.output,
                        max_minutes=args.max_minutes, seed=args.seed, class_weights=args.class_weights,
                        augmentation=args.augmentation, scale_range=args.scale_range, lr=args.lr,
+                       lovasz_weight=args.lovasz_weight, label_stride=args.label_stride,
                        model_options=parse_options(args.set), progress=not args.smoke, **sizes)
 
 

@@ -96,7 +96,7 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
             "--crop-size", "256", "--backbone-weights", "tf_in1k", "--output-stride", "8", "--ignore-index", "254",
             "--class-weights", "median-frequency", "--augment", "basic", "--scale-range", "0.75", "1.5", "--resume",
             "--deterministic", "--precision", "bf16", "--max-minutes", "30", "--train-subset", "10",
-            "--label-smoothing", "0.1", "--weights", "runs/camvid"]
+            "--label-smoothing", "0.1", "--weights", "runs/camvid", "--lovasz-weight", "0.5", "--label-stride", "2"]
     args = build_parser().parse_args(argv)
     config = config_from_args(args, parse_options(args.model_options), task="segmentation")
     assert (config.task, config.data, config.model, config.model_options) == (
@@ -106,6 +106,8 @@ def test_every_segment_train_flag_reaches_train_config() -> None:
     assert (config.class_weights, config.augmentation, config.resume, config.max_minutes, config.weights) == (
         "median-frequency", "basic", True, 30, "runs/camvid")
     assert config.scale_range == (0.75, 1.5) and config.resolved_recipe().scale_range == (0.75, 1.5)
+    assert (config.lovasz_weight, config.label_stride) == (0.5, 2)
+    assert (config.resolved_recipe().lovasz_weight, config.resolved_recipe().label_stride) == (0.5, 2)
 
 
 def test_segment_train_help_lists_the_segmentation_flags_only(capsys) -> None:

@@ -104,7 +104,8 @@ def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
 
 def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_path):
     """The recorded run takes the camvid recipe as it is; --class-weights (the median-frequency record) changes
-    only the loss's class weights, --augmentation only the augmentation, --batch-size and --lr only those."""
+    only the loss's class weights, --augmentation only the augmentation, --batch-size and --lr, --lovasz-weight and
+    --label-stride only those."""
     plain = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "a")])).resolved_recipe()
     weighted = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "b"), "--class-weights",
                                                          "median-frequency"])).resolved_recipe()
@@ -118,6 +119,11 @@ def test_the_recorded_runs_commands_become_their_training_configs(camvid, tmp_pa
     smaller = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "d"), "--batch-size", "4",
                                                         "--lr", "0.004"])).resolved_recipe()
     assert smaller == dataclasses.replace(plain, batch_size=4, lr=0.004)
+    loss = camvid.training_config(camvid.parse_args(["--output", str(tmp_path / "e"), "--lovasz-weight", "0",
+                                                     "--label-stride", "1"])).resolved_recipe()
+    assert loss == dataclasses.replace(plain, lovasz_weight=0.0, label_stride=1)
+    with pytest.raises(SystemExit):
+        camvid.parse_args(["--label-stride", "0"])
 
 
 def test_set_passes_architecture_options_on_top_of_the_recipes(camvid, tmp_path):

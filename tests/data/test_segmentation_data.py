@@ -22,6 +22,7 @@ from xception.data import (
     SegmentationEvalTransform,
     SegmentationTrainTransform,
     median_frequency_weights,
+    sample_labels,
 )
 from xception.data.segmentation import RandomScale
 from xception.errors import InvalidArgumentError
@@ -144,6 +145,22 @@ def test_collate_pads_to_the_largest_and_skips_unreadable() -> None:
     assert (masks[1, :, 3:] == 255).all()
     images, masks, skipped = SegmentationCollate()([None])
     assert skipped == 1 and len(images) == 0 and len(masks) == 0
+
+
+def test_sampled_labels_are_the_centre_of_each_cell_and_never_blended() -> None:
+    """A label map whose value is its pixel's row x 100 + column: the stride-s grid keeps rows and columns
+    s // 2, s // 2 + s, ... (the pixel at or just past each s x s cell's centre), values untouched."""
+    rows, cols = torch.meshgrid(torch.arange(9), torch.arange(12), indexing="ij")
+    masks = (rows * 100 + cols).expand(2, 9, 12)
+    assert torch.equal(sample_labels(masks, 1), masks)
+    two = sample_labels(masks, 2)
+    assert two.shape == (2, 4, 6) and two[0, :, 0].tolist() == [101, 301, 501, 701] and two[0, 0].tolist() == [
+        101, 103, 105, 107, 109, 111]
+    three = sample_labels(masks, 3)
+    assert three.shape == (2, 3, 4) and three[1, 2].tolist() == [701, 704, 707, 710]
+    assert set(sample_labels(masks, 4).unique().tolist()) <= set(masks.unique().tolist())
+    with pytest.raises(InvalidArgumentError, match="label stride must be a positive integer, got 0"):
+        sample_labels(masks, 0)
 
 
 def test_an_unreadable_image_is_skipped_and_counted(folder: Path, caplog) -> None:

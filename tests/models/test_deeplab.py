@@ -49,6 +49,18 @@ def test_output_size_equals_input_size(head: str, output_stride: int) -> None:
             assert model(torch.randn(2, 3, height, width)).shape == (2, 5, height, width)
 
 
+def test_output_size_gives_the_logits_on_another_grid() -> None:
+    """``output_size`` (a loss on labels sampled at a stride): the same logits resized to that size instead of the
+    input's; the input's own size gives the default answer exactly."""
+    model = small("deeplabv3plus_xception", input_scale=0.5)
+    x = torch.randn(2, 3, 130, 194)
+    with torch.no_grad():
+        assert torch.equal(model(x, output_size=(130, 194)), model(x))
+        assert model(x, output_size=(65, 97)).shape == (2, 5, 65, 97)
+        smaller = small("deeplabv3_xception")
+        assert smaller(x, output_size=(33, 49)).shape == (2, 5, 33, 49)
+
+
 def test_input_scale_runs_the_network_on_2x2_means_and_answers_at_full_size() -> None:
     """At input_scale 0.5 the network sees only the mean of each 2x2 block: an image whose blocks are replaced by
     their means gives the same logits. The logits still come back at the input's size, odd sizes included."""

@@ -20,8 +20,10 @@ from torch import nn
 
 from xception.errors import InvalidArgumentError
 from xception.models import create_model
+from xception.models.deeplab import DeepLab
 from xception.training import TrainConfig, train
 from xception.training.loop import Distributed
+from xception.training.losses import lovasz_softmax
 from xception.training.recipes import get_recipe
 from xception.training.segmentation import SegmentationTask, build_segmentation_model
 from xception.training.segmentation_metrics import (
@@ -93,6 +95,32 @@ def test_the_ignore_index_is_ignored_by_the_loss_and_the_metrics() -> None:
                                       precision="fp32", scaler=torch.amp.GradScaler("cpu", enabled=False),
                                       ignore_index=255)
     assert all_ignored.item() == 0.0
+
+
+def test_the_lovasz_term_and_the_output_size_reach_the_loss() -> None:
+    """forward_backward adds lovasz_weight x the Lovász-softmax to the cross-entropy, and asks the model for its
+    logits at output_size (labels sampled at a stride)."""
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, 0] = 255
+    logits = torch.randn(2, 3, 4, 5)
+    asked = []
+
+    def model(images: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        asked.append(output_size)
+        return logits.clone().requires_grad_(True)
+
+    def loss(weight: float, output_size: tuple[int, int] | None = None) -> float:
+        value, _ = forward_backward(model, torch.zeros(2, 3, 8, 10), labels, precision="fp32",
+                                    scaler=torch.amp.GradScaler("cpu", enabled=False), ignore_index=255,
+                                    lovasz_weight=weight, output_size=output_size)
+        return value.item()
+
+    plain = loss(0.0)
+    assert plain == pytest.approx(F.cross_entropy(logits, labels, ignore_index=255).item())
+    assert loss(0.5, output_size=(4, 5)) == pytest.approx(
+        plain + 0.5 * lovasz_softmax(logits, labels, ignore_index=255).item(), abs=1e-6)
+    assert asked == [None, (4, 5)]
 
 
 def test_flip_inference_of_a_mirror_symmetric_model_is_its_softmax() -> None:
@@ -204,6 +232,14 @@ def test_options_of_the_other_task_and_recipes_of_the_other_task_are_refused(dat
         TrainConfig(ignore_index=0)
     with pytest.raises(InvalidArgumentError, match=r"scale_range \(--scale-range\) does not apply to class"):
         TrainConfig(scale_range=(0.5, 2.0))
+    with pytest.raises(InvalidArgumentError, match=r"lovasz_weight \(--lovasz-weight\) does not apply to class"):
+        TrainConfig(lovasz_weight=1.0)
+    with pytest.raises(InvalidArgumentError, match=r"label_stride \(--label-stride\) does not apply to class"):
+        TrainConfig(label_stride=2)
+    with pytest.raises(InvalidArgumentError, match=r"label_stride \(--label-stride\) must be >= 1"):
+        config(data, tmp_path, label_stride=0)
+    with pytest.raises(InvalidArgumentError, match=r"lovasz_weight \(--lovasz-weight\) must be >= 0"):
+        config(data, tmp_path, lovasz_weight=-1.0)
     with pytest.raises(InvalidArgumentError, match="recipe 'compact' trains classification models"):
         config(data, tmp_path, recipe="compact").resolved_recipe()
     with pytest.raises(InvalidArgumentError, match="'balanced' are for classification"):
@@ -234,6 +270,29 @@ def test_the_scale_range_reaches_the_training_augmentation(data: Path, tmp_path:
     basic = config(data, tmp_path, augmentation="basic", scale_range=(0.75, 1.5))
     with pytest.raises(InvalidArgumentError, match="trains with --augment basic, which does not scale"):
         SegmentationTask(basic).datasets(basic.resolved_recipe(), Distributed())
+
+
+def test_a_run_with_the_lovasz_term_on_a_label_grid_learns(data: Path, tmp_path: Path, monkeypatch,
+                                                            one_thread) -> None:
+    """--lovasz-weight 1 --label-stride 2: every training forward answers on the 24x24 grid of the 48-pixel crops'
+    sampled labels (evaluation at full size), both knobs are recorded with the run, and it learns as the
+    cross-entropy run of test_segmentation_training_writes_everything_and_learns does."""
+    grids = []
+    forward = DeepLab.forward
+
+    def recording(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        logits = forward(self, x, output_size)
+        grids.append((self.training, tuple(x.shape[-2:]), tuple(logits.shape[-2:])))
+        return logits
+
+    monkeypatch.setattr(DeepLab, "forward", recording)
+    result = train(config(data, tmp_path, epochs=6, lr=0.2, lovasz_weight=1.0, label_stride=2))
+    training = {(size, out) for is_training, size, out in grids if is_training}
+    assert training == {((48, 48), (24, 24))}
+    assert all(size == out for is_training, size, out in grids if not is_training)
+    assert result["best_miou"] > 0.4 and result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    saved = json.loads((tmp_path / "config.json").read_text())["recipe"]
+    assert (saved["lovasz_weight"], saved["label_stride"]) == (1.0, 2)
 
 
 def test_the_backbone_starts_from_a_classification_run(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from .segmentation import (
     SegmentationTrainTransform,
     median_frequency_weights,
     read_classes,
+    sample_labels,
 )
 from .transforms import (
     ClassificationTransform,
@@ -52,5 +53,6 @@ __all__ = [
     "open_image",
     "read_classes",
     "resolve_class",
+    "sample_labels",
     "train_transform",
 ]

@@ -357,6 +357,16 @@ class SegmentationEvalTransform:
 
 # --------------------------------------------------------------------------------------------------- batches
 
+def sample_labels(masks: torch.Tensor, stride: int) -> torch.Tensor:
+    """The label nearest the centre of each ``stride`` x ``stride`` cell of (..., H, W) label maps: a view, no
+    label blended. The loss of a model that predicts on this grid (``output_size``) is the full-resolution one
+    sampled (``--label-stride``); the network itself is unchanged, and evaluation stays at full resolution."""
+    if stride < 1:
+        raise InvalidArgumentError(f"the label stride must be a positive integer, got {stride}")
+    offset = stride // 2  # a cell's centre lies at offset (stride - 1) / 2: this rounds it up to a pixel
+    return masks[..., offset::stride, offset::stride]
+
+
 @dataclass(frozen=True)
 class SegmentationCollate:
     """DataLoader ``collate_fn``: drops undecodable (None) samples and pads the rest to the batch's largest size

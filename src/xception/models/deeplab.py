@@ -126,7 +126,7 @@ class DeepLab(nn.Module):
     """DeepLabV3+ (``decoder=True``) or DeepLabV3 on a backbone of the family; logits at the input's size.
 
     ``forward(x)`` takes an NCHW batch of any size from :attr:`min_input_size` up and returns
-    ``(N, num_classes, H, W)`` logits for the same ``H, W``.
+    ``(N, num_classes, H, W)`` logits for the same ``H, W`` (or for ``forward(x, output_size=(h, w))``'s).
 
     ``input_scale`` below 1 runs the whole network on the image resized by that factor (bilinear: at 0.5 the mean
     of each 2x2 block) and resizes its logits back, so the loss, the metrics and the masks stay at full
@@ -191,8 +191,10 @@ class DeepLab(nn.Module):
                                        f"{self.min_input_size}x{self.min_input_size} pixels (the network runs at "
                                        f"{self.input_scale:g} of the input's size)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Class scores (B, num_classes, H, W) at the input's size, or at ``output_size`` (a training loss on
+        labels sampled at a stride: resizing the logits straight to that grid costs less than to the input's)."""
+        size = x.shape[-2:] if output_size is None else output_size
         if self.input_scale != 1.0:
             self.check_input(x)  # at the size given: the backbone checks the resized one
             x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)

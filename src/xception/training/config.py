@@ -95,6 +95,13 @@ class TrainConfig:
     scale_range: tuple[float, float] | None = option(None, "the range of the deeplab augmentation's random scale "
                                                            "(default: the recipe's; DeepLab's is 0.5 2.0)",
                                                      recipe=True, tasks=SEGMENTATION)
+    lovasz_weight: float | None = option(None, "add this x the Lovász-softmax loss (a surrogate of 1 - IoU per class, "
+                                               "Berman et al. 2018) to the cross-entropy (0: off; default: the "
+                                               "recipe's)", minimum=0, recipe=True, tasks=SEGMENTATION)
+    label_stride: int | None = option(None, "compute the training loss on the label nearest the centre of each N x N "
+                                            "cell, the logits predicted on that grid: cheaper, evaluation unchanged "
+                                            "(1: every pixel; default: the recipe's)", minimum=1, recipe=True,
+                                      tasks=SEGMENTATION)
     mixup: float | None = option(None, "MixUp alpha (0: off; default: the recipe's)", minimum=0, recipe=True,
                                  tasks=CLASSIFICATION)
     cutmix: float | None = option(None, "CutMix alpha (0: off; default: the recipe's)", minimum=0, recipe=True,

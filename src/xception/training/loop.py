@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..data import sample_labels
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
 from ..precision import get_precision
@@ -284,7 +285,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     val_loader = make_loader(val_set, val_sampler, batch_size, config.workers, collate_fn=task.collate())
     batch_options = {"mixer": batch_mixer(recipe, num_classes), "accumulation": accumulation,
                      "class_weights": None if weights is None else weights.to(device),
-                     "ignore_index": task.ignore_index}
+                     "ignore_index": task.ignore_index, "lovasz_weight": recipe.lovasz_weight,
+                     "label_stride": recipe.label_stride}
     # A resumed run may have nothing left to do.
     stop_reason = "finished" if run.epoch >= recipe.epochs or run.step >= total_steps else None
 
@@ -350,10 +352,15 @@ def micro_step(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, r
                config: TrainConfig, recipe: Recipe, device: torch.device, options: dict[str, Any]) -> None:
     """Forward and backward of one micro-batch (mixed by MixUp/CutMix where on); stops on a non-finite loss."""
     images, labels = to_device(images, labels, device, config.channels_last)
+    output_size = None
+    if options["label_stride"] > 1:
+        labels = sample_labels(labels, options["label_stride"])
+        output_size = tuple(labels.shape[-2:])
     images, targets = (images, labels) if options["mixer"] is None else options["mixer"](images, labels)
     loss, logits = forward_backward(forward, images, targets, precision=recipe.precision, scaler=trainer.scaler,
                                     label_smoothing=recipe.label_smoothing, accumulation=options["accumulation"],
-                                    class_weights=options["class_weights"], ignore_index=options["ignore_index"])
+                                    class_weights=options["class_weights"], ignore_index=options["ignore_index"],
+                                    lovasz_weight=options["lovasz_weight"], output_size=output_size)
     if not torch.isfinite(loss):
         raise TrainingError(f"non-finite loss ({loss.item()}) at step {run.step + 1} (epoch {run.epoch + 1}); the "
                             f"last good checkpoint in {config.output} is kept: lower the learning rate or use "

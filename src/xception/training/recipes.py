@@ -61,6 +61,10 @@ class Recipe:
     cutmix: float = 0.0  # CutMix's Beta(alpha, alpha) (Yun et al. 2019); with mixup too, one of the two per batch
     random_erasing: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2020)
     class_weights: str | None = None  # "balanced": N / (classes x count); segmentation: "median-frequency"
+    # Segmentation: loss = cross-entropy + lovasz_weight x Lovász-softmax (xception.training.losses), on the labels
+    # nearest the centre of each label_stride x label_stride cell (the logits predicted on that grid).
+    lovasz_weight: float = 0.0
+    label_stride: int = 1
 
     def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no

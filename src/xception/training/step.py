@@ -12,21 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..precision import autocast
+from .losses import lovasz_softmax
 
 
 def forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, precision: str,
                      scaler: torch.amp.GradScaler, label_smoothing: float = 0.0, accumulation: int = 1,
-                     class_weights: torch.Tensor | None = None,
-                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+                     class_weights: torch.Tensor | None = None, ignore_index: int = -100,
+                     lovasz_weight: float = 0.0,
+                     output_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast, cross-entropy in float32, backward of the loss scaled for accumulation (and for
     fp16 loss scaling). ``labels``: class indices, or soft targets (MixUp, CutMix); for segmentation (B, H, W)
     class indices against (B, C, H, W) logits, pixels labelled ``ignore_index`` left out of the loss (-100,
-    cross_entropy's default, ignores nothing in practice). Returns the unscaled loss and the logits, detached. A
-    non-finite loss is returned before its backward, for the caller to stop on."""
+    cross_entropy's default, ignores nothing in practice), plus ``lovasz_weight`` x the Lovász-softmax loss.
+    ``output_size``: the segmentation model's logits at that size, for labels sampled at a stride
+    (:func:`~xception.data.sample_labels`). Returns the unscaled loss and the logits, detached. A non-finite loss
+    is returned before its backward, for the caller to stop on."""
     with autocast(images.device, precision):
-        logits = model(images)
+        logits = model(images) if output_size is None else model(images, output_size=output_size)
         loss = F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing,
                                ignore_index=ignore_index)
+        if lovasz_weight:
+            loss = loss + lovasz_weight * lovasz_softmax(logits, labels, ignore_index=ignore_index)
         if ignore_index >= 0 and not (labels != ignore_index).any():
             # Every pixel ignored (a crop of void alone): cross_entropy's mean is 0/0. Nothing to learn, but a zero
             # loss still runs the backward, so that DDP's ranks all reduce their gradients.
