@@ -50,9 +50,10 @@ def test_variants_change_one_factor_each():
         "compact-backbone": ("segmentation", "deeplabv3plus_xception", 16, 320),
         "output-stride-8": ("segmentation", "deeplabv3plus_xception", 8, 320),
         "small-crop": ("segmentation", "deeplabv3plus_xception", 16, 240)}
-    # The optimizer and batch of the recorded runs (SGD, 0.05 at batches of 8); the recipe has moved to AdamW in
-    # batches of 4.
+    # The optimizer, batch and loss of the recorded runs (SGD, 0.05 at batches of 8, cross-entropy on every pixel);
+    # the recipe has moved to AdamW in batches of 4 with a Lovász term on a label grid.
     assert {(r.optimizer, r.momentum, r.batch_size) for r in configs.values()} == {("sgd", 0.9, 8)}
+    assert {(r.lovasz_weight, r.label_stride) for r in configs.values()} == {(0.0, 1)}
     assert all(r.lr * r.batch_size / r.reference_batch_size == pytest.approx(0.05) for r in configs.values())
     # The camvid recipe's network, at full resolution as recorded (the recipe itself runs it at half).
     narrow = {**get_recipe("camvid").model_options, "input_scale": 1.0}

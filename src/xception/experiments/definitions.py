@@ -29,12 +29,13 @@ EXPERIMENT_NAMES = ("activation", "residual", "spectrum", "order", "inception")
 # Semantic segmentation on a segmentation folder (DeepLabV3+'s claims), run by name only.
 SEGMENTATION_EXPERIMENTS = ("decoder",)
 FULL_SCALE = {"input_scale": 1.0}  # the decoder experiment's DeepLab models run at the images' own resolution
-# ... and train with the optimizer of its recorded runs (benchmarks/results/decoder/), the camvid recipe's until it
-# moved to AdamW: SGD with the recipe's momentum 0.9, 0.05 at a batch of 8 (given at the recipe's reference batch,
-# which the loop scales linearly).
+# ... and train with the optimizer and loss of its recorded runs (benchmarks/results/decoder/), the camvid recipe's
+# until it moved to AdamW and the Lovász term: SGD with the recipe's momentum 0.9, 0.05 at a batch of 8 (given at the
+# recipe's reference batch, which the loop scales linearly), cross-entropy alone on every pixel.
 RECORDED_LR = 0.05
-RECORDED_OPTIMIZER = {"optimizer": "sgd",
-                      "lr": RECORDED_LR * get_recipe(SEGMENTATION_RECIPE).reference_batch_size / RECORDED_BATCH_SIZE}
+RECORDED_TRAINING = {"optimizer": "sgd",
+                     "lr": RECORDED_LR * get_recipe(SEGMENTATION_RECIPE).reference_batch_size / RECORDED_BATCH_SIZE,
+                     "lovasz_weight": 0.0, "label_stride": 1}
 RECIPE = "compact"
 SPECTRUM_SEGMENTS = (1, 4, 16, None)  # None: one segment per channel, a depthwise convolution (Xception)
 BASELINE_KEY = "xception"
@@ -279,8 +280,8 @@ def _decoder_variants(info: DataInfo) -> list[Variant]:
     output stride and the crop size each buy."""
     if not isinstance(info, SegmentationDataInfo):
         raise InvalidArgumentError("the decoder experiment trains on a segmentation folder (SegmentationSettings)")
-    crop = {"img_size": info.crop_size, **RECORDED_OPTIMIZER}
-    small = {"img_size": info.small_crop_size, **RECORDED_OPTIMIZER}
+    crop = {"img_size": info.crop_size, **RECORDED_TRAINING}
+    small = {"img_size": info.small_crop_size, **RECORDED_TRAINING}
     # Every variant runs the network at full resolution, as the recorded run did (benchmarks/results/decoder/);
     # the camvid recipe itself has since moved to half resolution (input_scale 0.5).
     narrow = {**get_recipe(SEGMENTATION_RECIPE).model_options, **FULL_SCALE}
