@@ -5,7 +5,7 @@ at the full 480x360.
     python benchmarks/camvid.py [--data ../shared/datasets/camvid] [--max-minutes 30] [--output runs/camvid] [--tta]
                                 [--augment deeplab|basic|none] [--scale-range LOW HIGH]
                                 [--class-weights median-frequency] [--batch-size N] [--lr LR]
-                                [--set KEY=VALUE ...]
+                                [--lovasz-weight W] [--label-stride N] [--set KEY=VALUE ...]
     python benchmarks/camvid.py --compare benchmarks/results/camvid.json benchmarks/results/camvid-*/camvid.json
     python benchmarks/camvid.py --ceiling 4 8 16
 
@@ -23,10 +23,10 @@ Trains through :func:`xception.training.train` (what ``xception segment train`` 
 and prints the per-class IoU as a markdown table for the README. ``--smoke`` takes the same path in seconds (4
 training images, 2 for the per-epoch evaluation, 136-pixel crops that the network sees at half size, batches of 2,
 2 epochs) and writes its results into ``OUTPUT/results`` rather than benchmarks/results, unless ``--results`` says
-otherwise. ``--compare`` trains nothing: it prints recorded runs side by side (their flags, best checkpoint, and
-the mean of their last 10 epochs, which swings less than one epoch's figure). ``--ceiling`` trains nothing
-either: it prints how much of each class survives class scores at each given stride on the val labels (see
-:func:`resolution_ceiling`).
+otherwise. ``--compare`` trains nothing: it prints recorded runs side by side (their flags, optimizer, loss and
+epochs, best checkpoint, and the mean of their last 10 epochs, which swings less than one epoch's figure).
+``--ceiling`` trains nothing either: it prints how much of each class survives class scores at each given stride
+on the val labels (see :func:`resolution_ceiling`).
 """
 
 from __future__ import annotations
@@ -228,16 +228,28 @@ def optimizer_text(recipe: dict[str, Any]) -> str:
     return f"{recipe['optimizer']} {lr:g} at batch {recipe['batch_size']}"
 
 
+def loss_text(recipe: dict[str, Any]) -> str:
+    """The training loss: 'cross-entropy', or with the Lovász term and the label stride ('+ 1 x Lovász, stride 4').
+    Runs recorded before the recipe had these fields trained on cross-entropy alone, on every pixel."""
+    text = "cross-entropy"
+    if recipe.get("lovasz_weight", 0.0):
+        text += f" + {recipe['lovasz_weight']:g} x Lovász"
+    if recipe.get("label_stride", 1) > 1:
+        text += f", label stride {recipe['label_stride']}"
+    return text
+
+
 def compare_table(results: list[dict[str, Any]]) -> str:
-    """Recorded runs side by side: flags, optimizer (the recipe's changed between records), best checkpoint's
-    mIoU (and with --tta), the last epochs' mean, minutes."""
-    lines = [f"| flags | optimizer | val mIoU (best epoch) | with flip and multi-scale | mean of the last "
-             f"{STEADY_EPOCHS} epochs | minutes |", "|---|---|---:|---:|---:|---:|"]
+    """Recorded runs side by side: flags, optimizer and loss (the recipe's changed between records), best
+    checkpoint's mIoU (and with --tta), the last epochs' mean, epochs and minutes."""
+    lines = [f"| flags | optimizer | loss | epochs | val mIoU (best epoch) | with flip and multi-scale | mean of the "
+             f"last {STEADY_EPOCHS} epochs | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for result in results:
         tta = f"{100 * result['tta']['miou']:.1f}%" if result.get("tta") else "n/a"
         steady = last_epochs_mean(result)
         steady_text = "n/a" if steady is None else f"{100 * steady:.1f}%"
         lines.append(f"| {variant_flags(result['command'])} | {optimizer_text(result['recipe'])} | "
+                     f"{loss_text(result['recipe'])} | {len(result['curve'])} | "
                      f"{100 * result['miou']:.1f}% ({result['best_epoch']}) | {tta} | {steady_text} | "
                      f"{result['minutes']:.1f} |")
     return "\n".join(lines)

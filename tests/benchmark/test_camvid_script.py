@@ -90,8 +90,12 @@ def test_compare_takes_the_mean_of_the_last_ten_epochs_and_drops_the_paths(camvi
     assert camvid.last_epochs_mean(result) == pytest.approx(0.075)  # epochs 3-12
     assert camvid.variant_flags(result["command"]) == "`--set 'atrous_rates=(3, 6, 9)' --tta`"
     assert camvid.variant_flags("python benchmarks/camvid.py --output runs/camvid") == "none"
+    # A run recorded before the recipe had a Lovász term (no such fields): cross-entropy on every pixel.
     assert camvid.compare_table([result]).splitlines()[-1] == (
-        "| `--set 'atrous_rates=(3, 6, 9)' --tta` | sgd 0.025 at batch 4 | 12.5% (12) | n/a | 7.5% | 30.0 |")
+        "| `--set 'atrous_rates=(3, 6, 9)' --tta` | sgd 0.025 at batch 4 | cross-entropy | 12 | 12.5% (12) | n/a | "
+        "7.5% | 30.0 |")
+    result["recipe"].update(lovasz_weight=1.0, label_stride=4)
+    assert "| cross-entropy + 1 x Lovász, label stride 4 | 12 |" in camvid.compare_table([result])
 
 
 def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
