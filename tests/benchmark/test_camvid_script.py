@@ -70,12 +70,13 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
         assert f"| {name} | " in printed
     assert f"| **mIoU** | {100 * result['miou']:.1f} | {100 * result['tta']['miou']:.1f} |" in printed
 
-    # --compare reads the file just written: the flags without the paths, the mean of its two epochs.
+    # --compare reads the file just written: the flags without the paths, the recipe's loss, the two epochs and
+    # their mean.
     assert camvid.main(["--compare", str(results / "camvid.json")]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     steady = 100 * (result["curve"][0]["miou"] + result["curve"][1]["miou"]) / 2
-    assert row.startswith(f"| `--smoke --tta` | adamw 0.001 at batch 2 | {100 * result['miou']:.1f}% "
-                          f"({result['best_epoch']}) | ")
+    assert row.startswith(f"| `--smoke --tta` | adamw 0.001 at batch 2 | cross-entropy + 1 x Lovász, label stride 4 "
+                          f"| 2 | {100 * result['miou']:.1f}% ({result['best_epoch']}) | ")
     assert row.endswith(f"| {steady:.1f}% | {result['minutes']:.1f} |")
 
 
