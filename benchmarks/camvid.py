@@ -229,8 +229,9 @@ def optimizer_text(recipe: dict[str, Any]) -> str:
 
 
 def loss_text(recipe: dict[str, Any]) -> str:
-    """The training loss: 'cross-entropy', or with the Lovász term and the label stride ('+ 1 x Lovász, stride 4').
-    Runs recorded before the recipe had these fields trained on cross-entropy alone, on every pixel."""
+    """The training loss: 'cross-entropy', with the Lovász term and the label stride where set ('cross-entropy + 1
+    x Lovász, label stride 4'). Runs recorded before the recipe had these fields trained on cross-entropy alone, on
+    every pixel."""
     text = "cross-entropy"
     if recipe.get("lovasz_weight", 0.0):
         text += f" + {recipe['lovasz_weight']:g} x Lovász"
