@@ -161,7 +161,7 @@ RECIPES: dict[str, Recipe] = {
         # Batches of 4 at AdamW's 2e-3 (91 steps an epoch): the same images per minute as batches of 8 (the CPU's
         # time per image is the same), twice the updates. Recorded, seeds 0 and 1: 62.3% and 60.5% best, 59.3% and
         # 58.7% over the last 10 epochs, against 59.6% and 58.6% at batches of 8 (benchmarks/results/
-        # camvid-batch4-seed0/, camvid.json, camvid-batch8/): within the seed spread, neither seed below. In a
+        # camvid-batch4-seed0/, camvid-batch4-seed1/, camvid-batch8/): within the seed spread, neither seed below. In a
         # 14-epoch exploration (not in the repository) 4 at 1e-3, 8 at 4e-3 and 4 at 4e-3 did no better than 8 at
         # 2e-3.
         output_stride=16, optimizer="adamw", lr=2e-3, reference_batch_size=4, weight_decay=1e-4,
