@@ -12,7 +12,8 @@ from PIL import Image
 from segmentation_samples import CLASSES, write_segmentation_folder
 
 from xception.cli import build_parser, main, parse_options
-from xception.inference_segmentation import CAMVID_COLOURS, palette_for, voc_palette
+from xception.data.segmentation import SCALE_RANGE
+from xception.inference_segmentation import CAMVID_COLOURS, TTA_SCALES, palette_for, voc_palette
 from xception.training.config import config_from_args
 
 TINY = {"stem_widths": (8, 16), "stem_padding": "same", "entry_widths": (16, 32), "middle_repeats": 0,
@@ -55,6 +56,14 @@ def test_eval_json_has_miou_pixel_accuracy_and_per_class_iou_by_name(run, capsys
                  "--tta", "--output", str(output / "tta")]) == 0
     with_tta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert with_tta["tta"] and 0 <= with_tta["miou"] <= 1 and (output / "tta" / "confusion-val.png").is_file()
+
+
+def test_tta_views_are_scales_the_network_trained_on() -> None:
+    """--tta's scales are DeepLab's evaluation scales: the image as it is among them, and every one inside the
+    training's random scale range, so that no view shows the network objects at a size it never learnt."""
+    low, high = SCALE_RANGE
+    assert 1.0 in TTA_SCALES and all(low <= scale <= high for scale in TTA_SCALES)
+    assert tuple(sorted(set(TTA_SCALES))) == TTA_SCALES and len(TTA_SCALES) > 1
 
 
 def test_predict_writes_a_mask_and_an_overlay_per_image(run, tmp_path: Path, capsys) -> None:

@@ -98,6 +98,6 @@ def add_segment_command(commands: Any) -> None:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
-                        help="flip and multi-scale inference: the softmax averaged over scales 0.75, 1, 1.25 and "
-                             "their mirror images")
+                        help="flip and multi-scale inference (DeepLab's): the softmax averaged over scales 0.5 to "
+                             "1.75 in steps of 0.25 and their mirror images")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast precision")
