@@ -51,7 +51,7 @@ from xception.data.segmentation import SEGMENTATION_AUGMENTATIONS
 from xception.errors import InvalidArgumentError
 from xception.experiments.report import machine_description, today
 from xception.files import save_figure, write_text_atomic
-from xception.inference_segmentation import LoadedSegmenter, evaluate_segmenter, load_segmenter
+from xception.inference_segmentation import TTA_SCALES, LoadedSegmenter, evaluate_segmenter, load_segmenter
 from xception.training import TrainConfig, train
 from xception.training.config import bounded
 from xception.training.segmentation_metrics import confusion_matrix, mean_iou, per_class_iou, segment
@@ -63,6 +63,7 @@ TARGET_MIOU = 0.65  # issue #14: at least 65% on val within 30 minutes of traini
 SMOKE = {"train_subset": 4, "val_subset": 2, "img_size": 136, "batch_size": 2, "epochs": 2}
 FIGURE_IMAGES = 4
 STEADY_EPOCHS = 10  # --compare: the mean over this many last epochs
+EARLIER_TTA_SCALES = (0.75, 1.0, 1.25)  # --tta's scales in the records that do not name theirs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -127,7 +128,8 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
 def evaluate(loaded: LoadedSegmenter, args: argparse.Namespace, tta: bool) -> dict[str, Any]:
     metrics = evaluate_segmenter(loaded, args.data, "val", tta=tta, precision=args.precision,
                                  confusion_png=args.output / f"confusion-val{'-tta' if tta else ''}.png")
-    return {key: metrics[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "images", "skipped")}
+    kept = {key: metrics[key] for key in ("miou", "pixel_accuracy", "per_class_iou", "images", "skipped")}
+    return {**kept, "scales": list(TTA_SCALES)} if tta else kept
 
 
 def plot_predictions(loaded: LoadedSegmenter, data: Path, path: Path, *, count: int = FIGURE_IMAGES,
@@ -240,18 +242,27 @@ def loss_text(recipe: dict[str, Any]) -> str:
     return text
 
 
+def tta_text(result: dict[str, Any]) -> str:
+    """The mIoU with flip and multi-scale inference and the scales' range: '65.3% (0.5-1.75)'. Runs recorded before
+    the JSON kept the scales used 0.75, 1 and 1.25 (TTA_SCALES until the switch to DeepLab's)."""
+    tta = result.get("tta")
+    if not tta:
+        return "n/a"
+    scales = tta.get("scales", EARLIER_TTA_SCALES)
+    return f"{100 * tta['miou']:.1f}% ({min(scales):g}-{max(scales):g})"
+
+
 def compare_table(results: list[dict[str, Any]]) -> str:
     """Recorded runs side by side: flags, optimizer and loss (the recipe's changed between records), best
     checkpoint's mIoU (and with --tta), the last epochs' mean, epochs and minutes."""
     lines = [f"| flags | optimizer | loss | epochs | val mIoU (best epoch) | with flip and multi-scale | mean of the "
              f"last {STEADY_EPOCHS} epochs | minutes |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for result in results:
-        tta = f"{100 * result['tta']['miou']:.1f}%" if result.get("tta") else "n/a"
         steady = last_epochs_mean(result)
         steady_text = "n/a" if steady is None else f"{100 * steady:.1f}%"
         lines.append(f"| {variant_flags(result['command'])} | {optimizer_text(result['recipe'])} | "
                      f"{loss_text(result['recipe'])} | {len(result['curve'])} | "
-                     f"{100 * result['miou']:.1f}% ({result['best_epoch']}) | {tta} | {steady_text} | "
+                     f"{100 * result['miou']:.1f}% ({result['best_epoch']}) | {tta_text(result)} | {steady_text} | "
                      f"{result['minutes']:.1f} |")
     return "\n".join(lines)
 

@@ -55,6 +55,7 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     assert result["best_epoch"] in (1, 2) and result["curve_precision"] == "bf16"
     assert list(result["per_class_iou"]) == list(CLASSES) == list(result["tta"]["per_class_iou"])
     assert result["images"] == 3 and 0 <= result["miou"] <= 1 and 0 <= result["tta"]["miou"] <= 1
+    assert result["tta"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # the scales asked for (0.5 left out here)
 
     # The numbers are those `xception segment eval` reports for the same run.
     assert xception_main(["segment", "eval", "--checkpoint", str(run), "--data", str(data), "--json"]) == 0
@@ -77,7 +78,8 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1]
     steady = 100 * (result["curve"][0]["miou"] + result["curve"][1]["miou"]) / 2
     assert row.startswith(f"| `--smoke --tta` | adamw 0.001 at batch 2 | cross-entropy + 1 x Lovász, label stride 4 "
-                          f"| 2 | {100 * result['miou']:.1f}% ({result['best_epoch']}) | ")
+                          f"| 2 | {100 * result['miou']:.1f}% ({result['best_epoch']}) | "
+                          f"{100 * result['tta']['miou']:.1f}% (0.5-1.75) | ")
     assert row.endswith(f"| {steady:.1f}% | {result['minutes']:.1f} |")
 
 
@@ -98,6 +100,11 @@ def test_compare_takes_the_mean_of_the_last_ten_epochs_and_drops_the_paths(camvi
         "7.5% | 30.0 |")
     result["recipe"].update(lovasz_weight=1.0, label_stride=4)
     assert "| cross-entropy + 1 x Lovász, label stride 4 | 12 |" in camvid.compare_table([result])
+    # --tta's scales: a record that names none was evaluated at 0.75, 1 and 1.25, the scales of its time.
+    result["tta"] = {"miou": 0.2}
+    assert "| 12.5% (12) | 20.0% (0.75-1.25) |" in camvid.compare_table([result])
+    result["tta"]["scales"] = [0.5, 1.0, 2.0]
+    assert "| 12.5% (12) | 20.0% (0.5-2) |" in camvid.compare_table([result])
 
 
 def test_an_output_holding_a_run_is_refused_before_training(camvid, tmp_path):
