@@ -32,8 +32,9 @@ from .training.segmentation_metrics import evaluate_segmentation, segment
 
 # DeepLab's evaluation scales (Chen et al. 2017, "Rethinking atrous convolution", section 4.1; the same in
 # DeepLabV3+, section 4): they span the training's random scale 0.5-2.0, so each view is one the network has
-# trained on. Measured on the three recorded CamVid runs (the benchmarks/results/camvid*.json records), against
-# 0.75-1.25 with flips: 65.3 / 65.6 / 64.2% val mIoU against 64.7 / 65.4 / 63.7, at about 2.5 times the time.
+# trained on. On the three recorded CamVid runs (benchmarks/results/camvid.json, camvid-seed1/, camvid-seed2/),
+# against 0.75-1.25 with flips (the same records at commit 6515ab5): 65.3 / 65.6 / 64.2% val mIoU against
+# 64.7 / 65.4 / 63.7, at about 2.5 times the evaluation time.
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 OVERLAY_OPACITY = 0.5
 

@@ -173,7 +173,7 @@ RECIPES: dict[str, Recipe] = {
         # against 0.31 s (batch of 4, this machine's 2 cores), where the Lovász sort at stride 2 would cost 0.18 s.
         lovasz_weight=1.0, label_stride=4,
         # 48 epochs fit the 30-minute budget with the poly schedule run to its end: an epoch takes about 32 s on an
-        # idle machine, evaluation included (recorded: 25.9 minutes for the 48, 63.4% val mIoU at the best epoch
+        # idle machine, evaluation included (recorded: 26.7 minutes for the 48, 63.4% val mIoU at the best epoch
         # and 62.1% over the last 10, against 62.3% and 59.3% with the same seed before the Lovász term;
         # benchmarks/results/camvid.json records each epoch's minutes).
         schedule="poly", warmup_epochs=1.0, epochs=48, batch_size=4, img_size=448, augmentation="deeplab",
