@@ -66,6 +66,15 @@ def test_tta_views_are_scales_the_network_trained_on() -> None:
     assert tuple(sorted(set(TTA_SCALES))) == TTA_SCALES and len(TTA_SCALES) > 1
 
 
+def test_tta_help_names_the_scales_used(capsys) -> None:
+    """The CLI writes the scales out (to import no torch at start-up); they must be TTA_SCALES."""
+    with pytest.raises(SystemExit):
+        main(["segment", "eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    *others, last = (f"{scale:g}" for scale in TTA_SCALES)
+    assert f"scales {', '.join(others)} and {last} and their mirror images" in help_text
+
+
 def test_predict_writes_a_mask_and_an_overlay_per_image(run, tmp_path: Path, capsys) -> None:
     data, output = run
     images = tmp_path / "images"

@@ -97,7 +97,9 @@ def add_segment_command(commands: Any) -> None:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    # The scales are written out rather than read from inference_segmentation.TTA_SCALES, which would import torch
+    # before any command runs; a test holds the two together.
     parser.add_argument("--tta", action="store_true",
-                        help="flip and multi-scale inference (DeepLab's): the softmax averaged over scales 0.5 to "
-                             "1.75 in steps of 0.25 and their mirror images")
+                        help="flip and multi-scale inference (DeepLab's): the softmax averaged over scales 0.5, 0.75, "
+                             "1, 1.25, 1.5 and 1.75 and their mirror images")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast precision")
