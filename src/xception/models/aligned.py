@@ -18,7 +18,6 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownOptionError
 from ..layers import MidOperation, NormLayer, SeparableConv2d
 from .backbone import (
     BlockPlan,
@@ -31,6 +30,7 @@ from .backbone import (
     plan_blocks,
     tap_indices,
 )
+from .options import NetworkOptions, check_options, refuse_unknown
 
 BN_MOMENTUM = 0.1  # timm's, which trained the ra3 weights
 
@@ -136,6 +136,9 @@ class XceptionAligned(XceptionBase):
                  num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, output_stride: int = 32,
                  multi_grid: tuple[int, ...] | None = None) -> None:
+        check_options(NetworkOptions, {"num_classes": num_classes, "in_chans": in_chans, "global_pool": global_pool,
+                                       "drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
+                                       "output_stride": output_stride, "multi_grid": multi_grid}, owner=model_name)
         super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans,
                          output_stride=output_stride, multi_grid=multi_grid, drop_path_rate=drop_path_rate)
         self.preact = preact
@@ -162,11 +165,7 @@ class XceptionAligned(XceptionBase):
 
 
 def build(name: str, specs: list[BlockSpec], preact: bool, bn_eps: float, options: dict[str, Any]) -> XceptionAligned:
-    architecture = {"num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate", "output_stride",
-                    "multi_grid"}
-    unknown = sorted(set(options) - architecture)
-    if unknown:
-        raise UnknownOptionError(f"unknown {name} option(s) {unknown}; valid options are {sorted(architecture)}")
+    refuse_unknown(NetworkOptions, options, owner=name)  # the aligned networks have no knobs of their own
     return XceptionAligned(specs, preact=preact, bn_eps=bn_eps, model_name=name, **options)
 
 

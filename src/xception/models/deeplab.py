@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,29 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..layers import SeparableConv2d
+from .options import allowed, check_options
 
 # The backbones DeepLab is built on: the registry offers deeplabv3plus_<name> and deeplabv3_<name> for each.
 BACKBONES = ("xception", "xception41", "xception65", "xception71", "xception41p", "xception65p")
 HEADS = ("deeplabv3plus", "deeplabv3")
 PAPER_RATES = (6, 12, 18)  # the paper's atrous rates at output stride 16
 LOW_LEVEL_REDUCTION = 4  # the decoder's skip connection: the paper's stride-4 features
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The head's options, which :func:`build` takes beside the backbone's, each held to its type and range
+    (:mod:`.options`). The defaults are the paper's."""
+
+    aspp_channels: int = field(default=256, metadata=allowed(minimum=1))
+    # one per atrous branch, e.g. (6, 12, 18); None: atrous_rates_for the backbone's output stride
+    atrous_rates: tuple[int, ...] | None = field(default=None, metadata=allowed(minimum=1, unit="rate", nonempty=True))
+    decoder_channels: int | None = field(default=None, metadata=allowed(minimum=1))  # None: 256 (DeepLabV3+)
+    low_level_channels: int | None = field(default=None, metadata=allowed(minimum=1))  # None: 48 (DeepLabV3+)
+    separable: bool = True
+    drop_rate: float = field(default=0.1, metadata=allowed(minimum=0, below=1))  # after the ASPP projection
+    input_scale: float = field(default=1.0, metadata=allowed(above=0, maximum=1))  # see DeepLab
+    backbone_weights: str | Path | None = None
 
 
 def atrous_rates_for(reduction: int) -> tuple[int, ...]:
@@ -141,9 +159,9 @@ class DeepLab(nn.Module):
                  low_level_channels: int = 48, separable: bool = True, drop_rate: float = 0.1,
                  input_scale: float = 1.0) -> None:
         super().__init__()
-        check_head_options(num_classes=num_classes, aspp_channels=aspp_channels, atrous_rates=atrous_rates,
+        check_head_options(model_name, num_classes, aspp_channels=aspp_channels, atrous_rates=atrous_rates,
                            decoder_channels=decoder_channels, low_level_channels=low_level_channels,
-                           drop_rate=drop_rate, input_scale=input_scale)
+                           separable=separable, drop_rate=drop_rate, input_scale=input_scale)
         self.model_name = model_name
         self.num_classes = num_classes
         self.in_chans = backbone.in_chans
@@ -215,7 +233,7 @@ class DeepLab(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the 1x1 classifier (freshly initialised) for ``num_classes`` classes."""
-        check_head_options(num_classes=num_classes)
+        check_head_options(self.model_name, num_classes)
         reference = self.classifier.weight
         self.classifier = nn.Conv2d(self.classifier.in_channels, num_classes, 1, device=reference.device,
                                     dtype=reference.dtype)
@@ -242,23 +260,12 @@ def low_level_index(backbone: nn.Module, model_name: str) -> int:
     return candidates[-1]
 
 
-def check_head_options(*, num_classes: int, aspp_channels: int = 1, atrous_rates: tuple[int, ...] | None = None,
-                       decoder_channels: int = 1, low_level_channels: int = 1, drop_rate: float = 0.0,
-                       input_scale: float = 1.0) -> None:
-    if not isinstance(num_classes, int) or num_classes < 1:
+def check_head_options(model_name: str, num_classes: int, **options: Any) -> None:
+    """Refuse a class count below 1 (a classification network's 0, pooled features, means nothing here) and head
+    options (:class:`HeadOptions`) of another type or out of range."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise InvalidArgumentError(f"num_classes must be an integer >= 1 for a segmentation model, got {num_classes!r}")
-    for name, value in (("aspp_channels", aspp_channels), ("decoder_channels", decoder_channels),
-                        ("low_level_channels", low_level_channels)):
-        if not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
-    if atrous_rates is not None and (not atrous_rates or not all(isinstance(r, int) and r >= 1 for r in atrous_rates)):
-        raise InvalidArgumentError(f"atrous_rates must be positive integers, one per atrous branch (e.g. (6, 12, 18)),"
-                                   f" got {atrous_rates!r}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise InvalidArgumentError(f"drop_rate (dropout after the ASPP projection) must be in [0, 1), got {drop_rate}")
-    if not 0.0 < input_scale <= 1.0:
-        raise InvalidArgumentError(f"input_scale (the fraction of the input's resolution the network runs at) must be "
-                                   f"in (0, 1], got {input_scale}")
+    check_options(HeadOptions, options, owner=model_name)
 
 
 def build(head: str, backbone_name: str, *, num_classes: int = 21, in_chans: int = 3, output_stride: int = 16,
@@ -274,6 +281,10 @@ def build(head: str, backbone_name: str, *, num_classes: int = 21, in_chans: int
     if head not in HEADS:
         raise InvalidArgumentError(f"unknown segmentation head {head!r}; available: {', '.join(HEADS)}")
     name = f"{head}_{backbone_name}"
+    # before the backbone is built: a wrong head option costs no time
+    check_head_options(name, num_classes, aspp_channels=aspp_channels, atrous_rates=atrous_rates,
+                       decoder_channels=decoder_channels, low_level_channels=low_level_channels, separable=separable,
+                       drop_rate=drop_rate, input_scale=input_scale, backbone_weights=backbone_weights)
     if head == "deeplabv3" and (decoder_channels is not None or low_level_channels is not None):
         raise InvalidArgumentError(f"{name} has no decoder: decoder_channels and low_level_channels do not apply "
                                    f"(deeplabv3plus_{backbone_name} has one)")

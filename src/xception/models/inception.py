@@ -25,18 +25,40 @@ rebuild the network, so training, checkpoints and ``xception eval`` treat it lik
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, UnknownOptionError
+from ..errors import InvalidArgumentError
 from .backbone import ClassifierHead
+from .options import NetworkOptions, allowed, check_fields, check_options, refuse_unknown
 
 # Inception V3's widths (branches of its Mixed_5b..7c modules), scaled by ``width``.
 STEM_WIDTHS = (32, 32, 64, 80, 192)
 C7_WIDTHS = (128, 160, 160, 192)  # inner width of the four Inception-B modules
+
+
+@dataclass(frozen=True)
+class InceptionOptions:
+    """The baseline's knobs (see the module docstring), each held to its type and range (:mod:`.options`)."""
+
+    width: float = field(default=0.128, metadata=allowed(above=0))  # Inception V3's branch widths times this
+    stem_width: float | None = field(default=0.5, metadata=allowed(above=0))  # the stem's; None: ``width``
+    # Inception-A, -B and -C modules (V3: 3, 4, 2)
+    blocks: tuple[int, int, int] = field(default=(1, 2, 1), metadata=allowed(minimum=1, unit="count"))
+    factor_size: int = field(default=7, metadata=allowed(minimum=1))  # n of Inception-B's 1xn and nx1; odd
+    stem_stride: Literal[1, 2] = 1
+    bn_eps: float = field(default=1e-3, metadata=allowed(above=0))
+    bn_momentum: float = field(default=0.1, metadata=allowed(above=0, maximum=1))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.factor_size % 2 == 0:  # the 'same' padding of ConvBN needs a centre
+            raise InvalidArgumentError(f"factor_size must be an odd kernel size, got {self.factor_size}")
 
 
 class ConvBN(nn.Sequential):
@@ -143,21 +165,16 @@ class InceptionV3Compact(nn.Module):
                  width: float = 0.128, stem_width: float | None = 0.5, blocks: tuple[int, int, int] = (1, 2, 1),
                  factor_size: int = 7, stem_stride: int = 1, bn_eps: float = 1e-3, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        blocks = tuple(blocks)
-        if len(blocks) != 3 or not all(isinstance(b, int) and b >= 1 for b in blocks):
-            raise InvalidArgumentError(f"blocks must be three counts >= 1 (Inception-A, -B, -C modules), got {blocks}")
-        if width <= 0 or (stem_width is not None and stem_width <= 0):
-            raise InvalidArgumentError(f"width and stem_width must be positive, got {width} and {stem_width}")
-        if factor_size < 1 or factor_size % 2 == 0:
-            raise InvalidArgumentError(f"factor_size must be an odd kernel size, got {factor_size}")
-        if stem_stride not in (1, 2):
-            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        check_options(NetworkOptions, {"num_classes": num_classes, "in_chans": in_chans, "global_pool": global_pool,
+                                       "drop_rate": drop_rate}, owner="inception_v3_compact")
+        knobs = InceptionOptions(width=width, stem_width=stem_width, blocks=blocks, factor_size=factor_size,
+                                 stem_stride=stem_stride, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        width, stem_width, blocks = knobs.width, knobs.stem_width, knobs.blocks
         self.model_name = "inception_v3_compact"
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.options = {"width": width, "stem_width": stem_width, "blocks": blocks, "factor_size": factor_size,
-                        "stem_stride": stem_stride, "bn_eps": bn_eps, "bn_momentum": bn_momentum}
-        bn = {"eps": bn_eps, "momentum": bn_momentum}
+        self.options = dataclasses.asdict(knobs)
+        bn = {"eps": knobs.bn_eps, "momentum": knobs.bn_momentum}
 
         def w(channels: int) -> int:
             return max(1, round(channels * width))
@@ -221,9 +238,6 @@ def inception_v3_compact(*, num_classes: int = 10, in_chans: int = 1, global_poo
     if drop_path_rate or output_stride != 32 or multi_grid is not None:
         raise InvalidArgumentError("inception_v3_compact has no stochastic depth, output stride or multi-grid: leave "
                                    "drop_path_rate, output_stride and multi_grid at their defaults")
-    valid = {"width", "stem_width", "blocks", "factor_size", "stem_stride", "bn_eps", "bn_momentum"}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise UnknownOptionError(f"unknown inception_v3_compact option(s) {unknown}; valid options are {sorted(valid)}")
+    refuse_unknown(InceptionOptions, options, owner="inception_v3_compact")
     return InceptionV3Compact(num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                               drop_rate=drop_rate, **options)

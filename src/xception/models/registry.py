@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections.abc import Callable
 from functools import partial
@@ -44,6 +45,11 @@ TASKS = ("classification", "segmentation")
 BASELINES: dict[str, str] = {
     "inception_v3_compact": "inception:inception_v3_compact",
 }
+
+# The dataclasses that declare the models' options, their types and ranges, as "module:class": every builder holds
+# its options to its own, and option_problem a value to them all, for the command line's --set.
+OPTION_DECLARATIONS = ("options:NetworkOptions", "xception:XceptionConfig", "inception:InceptionOptions",
+                       "deeplab:HeadOptions")
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
@@ -130,6 +136,25 @@ def create_model(name: str, *, weights: str | Path | None = None, num_classes: i
     if weights is not None:
         load_weights(model, weights)
     return FeatureExtractor(model, out_indices) if features_only else model
+
+
+def option_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the option ``name`` ("must be an integer >= 0, got 'abc'"), where every model
+    that has the option refuses it; None where one takes it, and for a name that no model has (building the model
+    refuses it then, listing the model's own options). Lets the command line refuse a wrong ``--set`` before it
+    loads data or builds a model, naming the flag; imports the networks' modules, hence torch."""
+    from .options import value_problem
+
+    problems = []
+    for declaration in OPTION_DECLARATIONS:
+        module, spec = declaration.split(":")
+        declared = getattr(importlib.import_module(f"{__package__}.{module}"), spec)
+        if name in {item.name for item in dataclasses.fields(declared)}:
+            problem = value_problem(declared, name, value)
+            if problem is None:
+                return None
+            problems.append(problem)
+    return problems[0] if problems else None
 
 
 def check_segmentation_arguments(name: str, weights: str | Path | None, global_pool: str, features_only: bool,

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 from torch import nn
 
-from ..errors import InvalidArgumentError, UnknownOptionError
-from ..layers import MID_OPERATIONS, ORDERS, MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
+from ..layers import MaxPool2dSame, MidOperation, NormLayer, Order, SeparableConv2d, same_conv2d
 from .backbone import (
     BlockPlan,
     BlockSpec,
@@ -38,6 +37,7 @@ from .backbone import (
     plan_blocks,
     tap_indices,
 )
+from .options import NetworkOptions, allowed, check_fields, check_options, refuse_unknown
 
 Numerics = Literal["keras", "timm"]
 
@@ -50,49 +50,32 @@ NUMERICS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class XceptionConfig:
-    """Architecture knobs. The defaults are the paper's network."""
+    """Architecture knobs. The defaults are the paper's network. Each value is held to its field's type and, in the
+    metadata, its range (:mod:`.options`), so that a wrong one, from Python or ``--set``, is refused in one line."""
 
-    stem_widths: tuple[int, int] = (32, 64)
-    stem_stride: int = 2  # 1 keeps small images (28x28, 32x32) at full resolution through the stem
+    stem_widths: tuple[int, int] = field(default=(32, 64), metadata=allowed(minimum=1, unit="width"))
+    stem_stride: Literal[1, 2] = 2  # 1 keeps small images (28x28, 32x32) at full resolution through the stem
     stem_padding: Literal["valid", "same"] = "valid"  # Keras's stem is valid: 299 -> 149 -> 147
-    entry_widths: tuple[int, ...] = (128, 256, 728)  # the middle flow keeps the last of these
-    middle_repeats: int = 8
-    exit_widths: tuple[int, int] = (728, 1024)
-    tail_widths: tuple[int, int] = (1536, 2048)
+    # the middle flow keeps the last of these
+    entry_widths: tuple[int, ...] = field(default=(128, 256, 728),
+                                          metadata=allowed(minimum=1, unit="width", nonempty=True))
+    middle_repeats: int = field(default=8, metadata=allowed(minimum=0))
+    exit_widths: tuple[int, int] = field(default=(728, 1024), metadata=allowed(minimum=1, unit="width"))
+    tail_widths: tuple[int, int] = field(default=(1536, 2048), metadata=allowed(minimum=1, unit="width"))
     residual: bool = True  # the paper's Figure 9 compares with and without
     mid_activation: MidOperation = None  # between depthwise and pointwise: the paper's Figure 10
     order: Order = "depthwise_first"  # or "pointwise_first", the extreme Inception module
-    segments: int | None = None  # channel groups of each spatial conv; None = depthwise
-    fc_layers: tuple[int, ...] = ()  # hidden fully-connected layers before the classifier, e.g. (4096, 4096)
+    # channel groups of each spatial conv; None = depthwise (SeparableConv2d checks that they divide the widths)
+    segments: int | None = field(default=None, metadata=allowed(minimum=1))
+    # hidden fully-connected layers before the classifier, e.g. (4096, 4096)
+    fc_layers: tuple[int, ...] = field(default=(), metadata=allowed(minimum=1, unit="width"))
     numerics: Numerics = "keras"  # "keras": BN eps 1e-3, TF-same pooling; "timm": eps 1e-5, symmetric pooling
     # BN running-statistics momentum (PyTorch's convention); None: the numerics' (Keras 0.01, timm 0.1). Short
     # runs need a faster one: at 0.01 the statistics take a few hundred steps to settle.
-    bn_momentum: float | None = None
+    bn_momentum: float | None = field(default=None, metadata=allowed(above=0, maximum=1))
 
     def __post_init__(self) -> None:
-        for name in ("stem_widths", "entry_widths", "exit_widths", "tail_widths", "fc_layers"):
-            value = tuple(getattr(self, name))
-            if not all(isinstance(v, int) and v > 0 for v in value):
-                raise InvalidArgumentError(f"{name} must be positive integers, got {value}")
-            object.__setattr__(self, name, value)
-        if len(self.stem_widths) != 2 or len(self.exit_widths) != 2 or len(self.tail_widths) != 2:
-            raise InvalidArgumentError("stem_widths, exit_widths and tail_widths each take two widths")
-        if not self.entry_widths:
-            raise InvalidArgumentError("entry_widths needs at least one width")
-        if self.stem_stride not in (1, 2):
-            raise InvalidArgumentError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
-        if self.stem_padding not in ("valid", "same"):
-            raise InvalidArgumentError(f"stem_padding must be 'valid' or 'same', got {self.stem_padding!r}")
-        if self.middle_repeats < 0:
-            raise InvalidArgumentError(f"middle_repeats must be >= 0, got {self.middle_repeats}")
-        if self.mid_activation not in MID_OPERATIONS:
-            raise InvalidArgumentError(f"mid_activation must be one of {MID_OPERATIONS}, got {self.mid_activation!r}")
-        if self.order not in ORDERS:
-            raise InvalidArgumentError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if self.numerics not in NUMERICS:
-            raise InvalidArgumentError(f"numerics must be one of {tuple(NUMERICS)}, got {self.numerics!r}")
-        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
-            raise InvalidArgumentError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
+        check_fields(self)  # lists become tuples, as the network and its saved architecture expect
 
     def norm_layer(self) -> NormLayer:
         """Builds every BatchNorm of the network: the numerics' eps, and their momentum unless overridden."""
@@ -211,6 +194,9 @@ class Xception(XceptionBase):
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  output_stride: int = 32, multi_grid: tuple[int, ...] | None = None,
                  model_name: str = "xception") -> None:
+        check_options(NetworkOptions, {"num_classes": num_classes, "in_chans": in_chans, "global_pool": global_pool,
+                                       "drop_rate": drop_rate, "drop_path_rate": drop_path_rate,
+                                       "output_stride": output_stride, "multi_grid": multi_grid}, owner=model_name)
         super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans,
                          output_stride=output_stride, multi_grid=multi_grid, drop_path_rate=drop_path_rate)
         config = config or XceptionConfig()
@@ -251,10 +237,7 @@ def xception(*, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "
              drop_path_rate: float = 0.0, output_stride: int = 32, multi_grid: tuple[int, ...] | None = None,
              **config: Any) -> Xception:
     """The paper's Xception (22,855,952 parameters with 1000 classes); knobs as in :class:`XceptionConfig`."""
-    valid = {field.name for field in dataclasses.fields(XceptionConfig)}
-    unknown = sorted(set(config) - valid)
-    if unknown:
-        raise UnknownOptionError(f"unknown Xception option(s) {unknown}; valid options are {sorted(valid)}")
+    refuse_unknown(XceptionConfig, config, owner="Xception")
     return Xception(XceptionConfig(**config), num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
                     drop_rate=drop_rate, drop_path_rate=drop_path_rate, output_stride=output_stride,
                     multi_grid=multi_grid, model_name="xception")
