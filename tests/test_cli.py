@@ -274,3 +274,46 @@ def test_every_train_flag_reaches_train_config() -> None:
     assert (recipe.name, recipe.optimizer, recipe.weight_decay) == ("finetune", "sgd", 0.002)  # finetune's is adamw
     defaults = config_from_args(cli.build_parser().parse_args(["train"]), {})
     assert defaults == xception.training.TrainConfig()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--set", "middle_repeats=abc"],
+     "xception train: error: middle_repeats (--set) must be an integer >= 0, got 'abc'\n"),
+    (["segment", "train", "--data", "nowhere", "--output", "nowhere", "--set", "atrous_rates=6"],
+     "xception segment: error: atrous_rates (--set) must be one or more rates (positive integers) or None, got 6\n"),
+    (["summary", "xception", "--set", "stem_widths=[16]"],
+     "xception summary: error: stem_widths (--set) must be two widths (positive integers), got [16]\n"),
+    (["benchmark", "--set", "drop_rate=2"], "xception benchmark: error: drop_rate (--set) must be in [0, 1), got 2\n"),
+])
+def test_a_wrong_set_value_is_one_line_before_anything_runs(argv: list[str], message: str, monkeypatch,
+                                                            capsys) -> None:
+    """Refused where --set is parsed, naming the flag: training never starts (no data read), no traceback."""
+    from xception import training
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started with a wrong --set value")
+
+    monkeypatch.setattr(training, "train", must_not_run)
+    code, out, err = run(capsys, *argv)
+    assert (code, out, err) == (2, "", message)
+
+
+def test_a_set_value_the_model_refuses_is_one_line(capsys) -> None:
+    """A value some model takes passes --set's check; the model it is given to refuses it in one line."""
+    code, out, err = run(capsys, "benchmark", "--model", "deeplabv3plus_xception", "--set", "num_classes=0")
+    assert (code, out) == (2, "")
+    assert err == "xception benchmark: error: num_classes must be an integer >= 1 for a segmentation model, got 0\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["summary", "xception", "--set", "num_classes=5"], "num_classes is not an architecture option for --set: it "
+                                                        "comes from --num-classes"),
+    (["train", "--set", "in_chans=1"], "in_chans is not an architecture option for --set: it comes from the data's "
+                                       "channels"),
+    (["benchmark", "--set", "device=abc"], "device is not an architecture option for --set: it comes from --device"),
+])
+def test_a_create_model_argument_given_by_set_is_refused_naming_its_flag(argv: list[str], message: str,
+                                                                         capsys) -> None:
+    """These used to reach create_model twice (a TypeError traceback) or reach torch (a RuntimeError)."""
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "") and err.endswith(f"error: {message}\n")

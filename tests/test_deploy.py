@@ -184,7 +184,7 @@ def test_int8_quantizes_every_convolution_of_the_family(name: str, options: dict
 
 def test_bad_arguments_are_refused_clearly():
     model = small_xception()
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
         optimize_for_inference(model, "fp16")
     with pytest.raises(ValueError, match="needs calibration_data"):
         optimize_for_inference(model, "int8")

@@ -14,6 +14,7 @@ from segmentation_samples import CLASSES, write_segmentation_folder
 from xception.cli import build_parser, main, parse_options
 from xception.data.segmentation import SCALE_RANGE
 from xception.inference_segmentation import CAMVID_COLOURS, TTA_SCALES, palette_for, voc_palette
+from xception.precision import choose_precision
 from xception.training.config import config_from_args
 
 TINY = {"stem_widths": (8, 16), "stem_padding": "same", "entry_widths": (16, 32), "middle_repeats": 0,
@@ -161,8 +162,9 @@ def test_bad_data_and_a_classification_checkpoint_are_one_line_errors(run, tmp_p
     broken = write_segmentation_folder(tmp_path / "broken", train=2, val=1, size=(48, 64))
     Image.fromarray(np.full((48, 64), 9, np.uint8)).save(broken / "train" / "labels" / "train001.png")
     assert main(["segment", "train", "--data", str(broken), "--output", str(tmp_path / "r"), *TINY_ARGS]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("xception segment: error: label file") and "train001.png holds the values [9]" in err
+    *said, error = capsys.readouterr().err.splitlines()  # the precision chosen is said first, then the error
+    assert said == [f"{choose_precision('auto').describe()}"]
+    assert error.startswith("xception segment: error: label file") and "train001.png holds the values [9]" in error
     assert not (tmp_path / "r" / "last.safetensors").exists()  # refused before any training
     import xception
 

@@ -11,10 +11,13 @@ batch and returns the same float32 output:
    has no convolution directly in front of it and stays.
 2. **Memory layout**, chosen by timing both on an example batch: depthwise convolutions are several times
    faster in channels_last on x86 CPUs, but the choice is measured, not assumed.
-3. **Precision.** ``"bf16"`` casts weights and activations to bfloat16 (fast on CPUs with AVX-512 BF16 or AMX,
-   and on GPUs). ``"int8"`` is post-training static quantization with PyTorch 2 export (PT2E) and the x86
-   Inductor quantizer from ``torchao``: int8 weights (per channel) and activations (per tensor), calibrated on
-   real images, executed by oneDNN int8 kernels once compiled (so int8 always compiles).
+3. **Precision.** ``"auto"`` (the default) is bf16 where the machine runs it natively and fp32 elsewhere
+   (:func:`xception.precision.choose_precision`). ``"bf16"`` casts weights and activations to bfloat16 (fast on
+   CPUs with AVX512_BF16 or AMX, and on GPUs; on other CPUs it falls to slow reference kernels, and says so).
+   ``"int8"`` is post-training static quantization with PyTorch 2 export (PT2E) and the x86 Inductor quantizer
+   from ``torchao``: int8 weights (per channel) and activations (per tensor), calibrated on real images, executed
+   by oneDNN int8 kernels once compiled (so int8 always compiles). On an x86 CPU without VNNI the activations are
+   quantized to 7 bits (see :attr:`xception.hardware.Hardware.int8_reduce_range`).
 4. **Compilation** (optional for fp32/bf16): ``torch.compile`` with weight freezing, which fuses the ReLUs and
    paddings into the convolutions. Its cost is paid at the first call and reported as ``compile_s``; Inductor's
    on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default under the system temp folder) makes a second process
@@ -41,13 +44,13 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .files import atomic_path
+from .hardware import probe
 from .layers import MaxPool2dSame, SeparableConv2d
-from .precision import PRECISIONS, get_precision
+from .precision import DEPLOY_PRECISIONS, PRECISIONS, choose_precision
 
 log = logging.getLogger("xception.deploy")
 
-DeployPrecision = Literal["fp32", "bf16", "int8"]
-DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
+DeployPrecision = Literal["auto", "fp32", "bf16", "int8"]
 CALIBRATION_BATCHES = 32  # at most this many batches of calibration_data are used
 
 
@@ -195,7 +198,7 @@ def _to_float32(output: Any) -> Any:
     return type(output)(_to_float32(item) for item in output)
 
 
-def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32",
+def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "auto",
                            calibration_data: Iterable[Any] | torch.Tensor | None = None, *,
                            example_input: torch.Tensor | None = None, channels_last: bool | None = None,
                            compile: bool = False) -> DeployedModel:
@@ -203,7 +206,8 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
     same kind of output.
 
     Args:
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        precision: ``"auto"`` (bf16 where this machine runs it natively, else fp32), ``"fp32"``, ``"bf16"`` or
+            ``"int8"``.
         calibration_data: for int8 (required): real images, as an NCHW tensor, or an iterable of batches
             (tensors, or ``(images, labels, ...)`` tuples as a DataLoader yields). The first 32 batches are used.
         example_input: a batch like those you will run, used to time the memory layouts and compiled for at
@@ -213,7 +217,8 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         channels_last: force a memory layout; None times both and keeps the faster.
         compile: ``torch.compile`` with frozen weights (always on for int8).
     """
-    get_precision(precision, next(model.parameters()).device, allowed=DEPLOY_PRECISIONS)
+    choice = choose_precision(precision, next(model.parameters()).device, allowed=DEPLOY_PRECISIONS)
+    precision = choice.name
     if precision == "int8" and calibration_data is None:
         raise InvalidArgumentError("precision 'int8' needs calibration_data: a few hundred real images (an NCHW "
                                    "tensor or a DataLoader) preprocessed as for evaluation, to set the activation "
@@ -223,7 +228,7 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
     if example_input is None:
         example_input = calibration[0] if calibration else _default_input(model, device)
     in_chans = getattr(model, "in_chans", example_input.shape[1])
-    report: dict[str, Any] = {"precision": precision}
+    report: dict[str, Any] = {"precision": precision, "precision_reason": choice.reason}
     compile = compile or precision == "int8"
 
     module = fold_batchnorm(model)
@@ -247,15 +252,17 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "fp32"
         for pool in module.modules():
             if isinstance(pool, MaxPool2dSame):
                 pool.explicit_padding = True
-        module = _quantize_int8(module, example, calibration, memory_format)
+        reduce_range = probe().int8_reduce_range
+        module = _quantize_int8(module, example, calibration, memory_format, reduce_range=reduce_range)
         report["calibration_images"] = sum(len(batch) for batch in calibration)
+        report["int8_activation_bits"] = 7 if reduce_range else 8
     deployed = DeployedModel(torch.compile(module) if compile else module, precision=precision,
                              channels_last=channels_last, num_classes=getattr(model, "num_classes", None),
                              in_chans=in_chans, report=report, compiled=compile,
                              input_size=tuple(example.shape[-2:]) if precision == "int8" else None)
     if compile:
         deployed(example_input)  # compile now, so that the cost is paid and reported here, not at the first use
-    log.info("deployed %s: %s", getattr(model, "model_name", type(model).__name__), report)
+    log.debug("deployed %s: %s", getattr(model, "model_name", type(model).__name__), report)
     return deployed
 
 
@@ -347,9 +354,11 @@ def _faster_layout(module: nn.Module, example: torch.Tensor, repeats: int = 3) -
 
 
 def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
-                   memory_format: torch.memory_format) -> nn.Module:
+                   memory_format: torch.memory_format, *, reduce_range: bool = False) -> nn.Module:
     """PT2E static quantization: export, insert observers, calibrate, convert to quantize/dequantize pairs
-    that Inductor lowers to oneDNN int8 kernels."""
+    that Inductor lowers to oneDNN int8 kernels. ``reduce_range``: activations in 0..127 instead of 0..255, for
+    CPUs without VNNI, whose u8 x s8 multiply-adds (``vpmaddubsw``) saturate their 16-bit pair sums when both
+    activations of a pair are large (255 x 127 x 2 > 32767); at 7 bits they cannot (127 x 127 x 2 < 32767)."""
     try:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
@@ -362,7 +371,7 @@ def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[t
     batch = torch.export.Dim("batch", min=1)
     exported = torch.export.export(module, (pair,), dynamic_shapes=({0: batch},)).module()
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(reduce_range=reduce_range))
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for images in calibration:

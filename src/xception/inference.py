@@ -28,6 +28,7 @@ from .data.transforms import ImageError, open_image
 from .errors import InvalidArgumentError
 from .files import atomic_path, save_figure
 from .models import create_model
+from .precision import AUTO, DEPLOY_PRECISIONS, choose_precision
 from .training.checkpoint import read_architecture
 from .training.finetune import run_weights
 from .training.metrics import evaluate
@@ -148,8 +149,13 @@ def deploy_loaded(loaded: LoadedModel, precision: str, calibration: torch.Tensor
                   batch_size: int = 1) -> LoadedModel:
     """The same model made fast by :func:`xception.optimize_for_inference`: BatchNorm folded, memory layout timed
     at ``batch_size``, bf16 or int8. int8 needs ``calibration`` (preprocessed images, NCHW) and compiles for
-    ``batch_size``; fp32 and bf16 are not compiled, which would not pay off for a few batches."""
+    ``batch_size``; fp32 and bf16 are not compiled, which would not pay off for a few batches. ``auto`` where the
+    machine's fastest precision is fp32 returns ``loaded`` as it is: the model as trained, without the layout
+    timing (a dozen forward passes) that a few images would not repay."""
     from .deploy import optimize_for_inference
+
+    if precision == AUTO and choose_precision(AUTO, "cpu", DEPLOY_PRECISIONS).name == "fp32":
+        return loaded
 
     example = torch.zeros(batch_size, loaded.in_chans, loaded.img_size, loaded.img_size)
     if calibration is not None:
@@ -255,11 +261,12 @@ def load_model(checkpoint: str | Path | None = None, model: str = "xception",
 
 
 def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_size: int = 64, workers: int = 0,
-                precision: str | None = None) -> tuple[dict[str, Any], list[str]]:
+                precision: str | None = "auto") -> tuple[dict[str, Any], list[str]]:
     """Top-1/top-5, loss, per-class accuracy and the confusion matrix of ``loaded`` on ``split`` of ``data``,
     preprocessed with the model's own transform; and the data's class names. ``precision``: evaluate the model
-    deployed by :func:`xception.optimize_for_inference` (int8 calibrated on training images, never the evaluated
-    ones)."""
+    deployed by :func:`xception.optimize_for_inference` at this precision (``auto``: the machine's fastest native
+    one, the model as loaded where that is fp32; int8 calibrated on training images, never the evaluated ones); None:
+    the model as loaded, in fp32."""
     from torch.utils.data import DataLoader
 
     from .data import ResumableSampler, collate_skipping
@@ -277,13 +284,14 @@ def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_siz
     if not loaded.registered and dataset.classes != loaded.classes and loaded.classes != generic:
         raise InvalidArgumentError(f"the data's classes {dataset.classes[:5]}... differ from the model's "
                                    f"{loaded.classes[:5]}...")
+    evaluated = loaded
     if precision is not None:  # after the checks above: int8 calibration takes a while
         calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None
-        loaded = deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
+        evaluated = deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping,
                         sampler=ResumableSampler(len(dataset), shuffle=False))
-    metrics = evaluate(loaded.model, loader, len(dataset.classes), torch.device("cpu"),
-                       channels_last=precision is None)
+    metrics = evaluate(evaluated.model, loader, len(dataset.classes), torch.device("cpu"),
+                       channels_last=evaluated is loaded)  # a deployed model lays out its input itself
     return metrics, dataset.classes
 
 

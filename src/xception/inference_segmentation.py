@@ -27,6 +27,7 @@ from .files import atomic_path
 from .inference import image_files, plot_confusion, run_files, unique_stem
 from .models import create_model
 from .models.registry import model_task
+from .precision import AUTO, choose_precision
 from .training.checkpoint import read_architecture
 from .training.segmentation_metrics import evaluate_segmentation, segment
 
@@ -97,11 +98,13 @@ def load_segmenter(checkpoint: str | Path) -> LoadedSegmenter:
 
 
 def evaluate_segmenter(loaded: LoadedSegmenter, data: str | Path, split: str = "val", *, batch_size: int = 4,
-                       workers: int = 0, tta: bool = False, precision: str = "fp32",
+                       workers: int = 0, tta: bool = False, precision: str = AUTO,
                        confusion_png: Path | None = None) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU (by class name; None for a class absent from both the labels and
     the predictions) of ``loaded`` on ``split`` of a segmentation folder, at full resolution; the confusion matrix
-    (rows normalised: the share of each true class's pixels predicted as each class) drawn to ``confusion_png``."""
+    (rows normalised: the share of each true class's pixels predicted as each class) drawn to ``confusion_png``.
+    ``precision``: autocast, ``auto`` being the machine's fastest native one (``metrics["precision"]`` says)."""
+    choice = choose_precision(precision, "cpu")
     dataset = SegmentationDataset.from_folder(data, split, SegmentationEvalTransform(),
                                               ignore_index=loaded.ignore_index)
     generic = [str(i) for i in range(len(loaded.classes))]
@@ -111,9 +114,10 @@ def evaluate_segmenter(loaded: LoadedSegmenter, data: str | Path, split: str = "
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         sampler=ResumableSampler(len(dataset), shuffle=False),
                         collate_fn=SegmentationCollate(loaded.ignore_index))
-    metrics = evaluate_segmentation(loaded.model, loader, len(dataset.classes), torch.device("cpu"), precision,
+    metrics = evaluate_segmentation(loaded.model, loader, len(dataset.classes), torch.device("cpu"), choice.name,
                                     channels_last=True, ignore_index=loaded.ignore_index,
                                     scales=TTA_SCALES if tta else (1.0,), flip=tta)
+    metrics["precision"] = choice.to_json()
     metrics["per_class_iou"] = dict(zip(dataset.classes, metrics["per_class_iou"], strict=True))
     if confusion_png is not None:
         confusion = torch.tensor(metrics["confusion"], dtype=torch.float64)
@@ -131,12 +135,13 @@ def save_png(array: np.ndarray, path: Path) -> Path:
 
 @torch.no_grad()
 def predict_masks(loaded: LoadedSegmenter, inputs: Iterable[str | Path], output: str | Path, *, tta: bool = False,
-                  precision: str = "fp32") -> list[dict[str, Any]]:
+                  precision: str = AUTO) -> list[dict[str, Any]]:
     """For each image (files, and the images inside folders): ``<stem>.mask.png``, the predicted class of each
     pixel in the palette's colours, and ``<stem>.overlay.png``, those colours blended over the image, in
     ``output``. One result per file: ``{"file", "mask", "overlay", "classes": {name: share of pixels}}``, or
     ``{"file", "error"}`` for a file that cannot be read; the others are still predicted."""
     output = Path(output)
+    precision = choose_precision(precision, "cpu").name
     palette = loaded.palette
     results: list[dict[str, Any]] = []
     used: set[str] = set()

@@ -1,11 +1,13 @@
-"""One table of numeric precisions, shared by training, evaluation, the benchmark and deployment. Torch is imported
-when a precision is used, not to read the table (the command line's choices)."""
+"""One table of numeric precisions, shared by training, evaluation, the benchmark and deployment, and the one choice
+of ``"auto"`` (:func:`choose_precision`) from what the hardware runs natively. Torch is imported when a precision is
+used, not to read the table (the command line's choices)."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidArgumentError
 
@@ -39,6 +41,10 @@ PRECISIONS: dict[str, Precision] = {
                       why_not_elsewhere="the int8 path uses oneDNN's CPU kernels"),
 }
 TRAINING_PRECISIONS = ("fp32", "bf16", "fp16")
+DEPLOY_PRECISIONS = ("fp32", "bf16", "int8")
+AUTO = "auto"  # the fastest precision this machine runs natively, of those the caller takes (never int8)
+
+log = logging.getLogger("xception.precision")
 
 
 def get_precision(name: str, device: str | torch.device = "cpu", allowed: tuple[str, ...] = TRAINING_PRECISIONS,
@@ -55,6 +61,56 @@ def get_precision(name: str, device: str | torch.device = "cpu", allowed: tuple[
                                    f"{device_type}: "
                                    f"{precision.why_not_elsewhere}")
     return precision
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run uses, what was asked for (``auto`` or a name) and why: printed at start and recorded
+    with the run or the benchmark."""
+
+    name: str
+    requested: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"precision {self.name} ({self.reason})"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_precision(requested: str, device: str | torch.device = "cpu",
+                     allowed: tuple[str, ...] = TRAINING_PRECISIONS) -> PrecisionChoice:
+    """``requested`` resolved for ``device``: ``"auto"`` becomes the first of the machine's native precisions
+    (:meth:`xception.hardware.Hardware.native_precisions`: bf16 on a CPU with AVX512_BF16 or AMX and on a GPU with
+    bf16, fp16 on an older GPU, else fp32) that the caller ``allowed``; a name is checked, and where this machine
+    runs it slowly (bf16 on a CPU without native bf16) it still runs, after a warning that names the fast choice."""
+    import torch
+
+    from .hardware import probe
+
+    device_type = torch.device(device).type
+    hardware = probe()
+    if requested == AUTO:
+        native = [name for name in hardware.native_precisions(device_type) if name in allowed and name != "int8"]
+        name = native[0] if native else "fp32"
+        if device_type == "cpu":
+            why = ("this CPU runs bf16 natively (AVX512_BF16 or AMX)" if name == "bf16"
+                   else "this CPU has no native bf16 (no AVX512_BF16 or AMX)")
+        else:
+            gpus = ", ".join(device.name for device in hardware.cuda)
+            why = f"{gpus} runs bf16 natively" if name == "bf16" else f"{gpus} has no bf16 (compute capability < 8.0)"
+        return PrecisionChoice(name, AUTO, f"auto: {why}")
+    if requested not in allowed:
+        raise InvalidArgumentError(f"precision must be {AUTO} or one of {', '.join(allowed)}, got {requested!r}")
+    get_precision(requested, device_type, allowed=allowed)
+    slow = hardware.slow_precision(requested, device_type)
+    if slow is None:
+        return PrecisionChoice(requested, requested, "as asked")
+    fast = choose_precision(AUTO, device, allowed).name
+    log.warning("precision %s runs slowly here: %s; precision auto (%s on this machine) is the fast choice",
+                requested, slow, fast)
+    return PrecisionChoice(requested, requested, f"as asked; slow here: {slow}")
 
 
 def autocast(device: str | torch.device, precision: str) -> AbstractContextManager[object]:

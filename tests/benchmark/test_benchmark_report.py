@@ -43,7 +43,8 @@ def test_csv_has_every_field_with_empty_cells_for_none() -> None:
 def test_markdown_table() -> None:
     limits = {**LIMITS, "size": 4096}
     lines = results_to_markdown(RESULTS, limits).splitlines()
-    assert lines[0] == "Machine limit (cpu, 4096x4096 matmul, GFLOP/s): fp32 1,000, bf16 2,000"
+    assert lines[0] == ("Machine limit (cpu, GFLOP/s of a square matmul (its side)): fp32 1,000 (4096), "
+                        "bf16 2,000 (4096)")
     header, rule, *rows = lines[2:]
     assert header.startswith("| candidate | layout |") and "| img/s | p50 ms | p90 ms | vs timm |" in header
     assert rule.count("---") == header.count("|") - 1

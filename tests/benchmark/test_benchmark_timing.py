@@ -212,6 +212,7 @@ def test_peak_memory_sees_an_allocation() -> None:
 def test_machine_limits_with_a_small_matrix() -> None:
     limits = machine_limits(repeats=2, size=128)
     assert (limits["device"], limits["size"]) == ("cpu", 128)
+    assert limits["fp32_size"] == limits["bf16_size"] == limits["int8_size"] == 128
     assert limits["fp32_gflops"] > 0
     assert limits["bf16_gflops"] > 0
     assert limits["int8_gflops"] > 0
@@ -245,3 +246,24 @@ def test_compiled_train_mode_runs_the_training_step() -> None:
     result = measure(None, config)
     check_measured(result)
     assert result.compiled and result.compile_s > 0
+
+
+def test_machine_limits_measure_a_slow_precision_on_a_smaller_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A precision the machine runs slowly is measured on a matrix that fits its time budget instead of taking
+    minutes (bf16 on an AVX2 CPU runs near 1 GFLOP/s: a 4096 matmul would take two minutes). A fake clock and a
+    fake 1-GFLOP/s matmul make the choice exact: 256 takes 0.034 s, 512 0.27 s; the next, 1024, would take 2.1 s,
+    more than a quarter of the 3-second budget."""
+    clock = [0.0]
+
+    def slow_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        clock[0] += 2 * a.shape[0] ** 3 / 1e9
+        return a
+
+    monkeypatch.setattr(timing_module, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch, "mm", slow_multiply)
+    monkeypatch.setattr(torch, "_int_mm", slow_multiply)
+    limits = machine_limits(size=4096, seconds=3.0)
+    for name in ("fp32", "bf16", "int8"):
+        assert limits[f"{name}_size"] == 512
+        assert limits[f"{name}_gflops"] == pytest.approx(1.0)
+    assert limits["size"] == 512

@@ -15,6 +15,8 @@ from PIL import Image
 from segmentation_samples import CLASSES, write_segmentation_folder
 
 from xception.cli import main as xception_main
+from xception.hardware import probe
+from xception.precision import choose_precision
 from xception.training.segmentation import build_segmentation_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,10 +51,12 @@ def test_smoke_run_end_to_end(camvid, tmp_path, one_thread, capsys):
     assert result["command"] == f"python benchmarks/camvid.py --smoke --data {data} --output {run} --tta"
     assert result["smoke"] and result["recipe"]["name"] == "camvid" and result["recipe"]["img_size"] == 136
     assert (result["steps"], result["epochs"], result["stopped"], result["checkpoint"]) == (4, 2, "finished", "best")
-    assert result["date"] and "cores" in result["machine"] and result["parameters"] > 1_000_000
+    assert result["date"] and result["machine"] == probe().line() and result["parameters"] > 1_000_000
+    assert result["precision"] == choose_precision("auto").to_json()  # what the run chose, and why
     assert [point["epoch"] for point in result["curve"]] == [1, 2]
     assert 0 < result["curve"][0]["minutes"] < result["curve"][1]["minutes"] <= result["minutes"]
-    assert result["best_epoch"] in (1, 2) and result["curve_precision"] == "bf16"
+    assert result["best_epoch"] in (1, 2) and result["curve_precision"] == choose_precision("auto").name
+    assert result["schedule_plan"]["epochs"] == 2  # --max-minutes' 30 minutes hold the smoke run's 2 epochs
     assert list(result["per_class_iou"]) == list(CLASSES) == list(result["tta"]["per_class_iou"])
     assert result["images"] == 3 and 0 <= result["miou"] <= 1 and 0 <= result["tta"]["miou"] <= 1
     assert result["tta"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # the scales asked for (0.5 left out here)

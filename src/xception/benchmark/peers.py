@@ -148,7 +148,7 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
                 groups.append(_skipped_result(peer, config, str(reason)))
         measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
     results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
-    return [with_peak_fraction(result, limits) for result in _with_ratios(results)]
+    return [with_peak_fraction(result, limits, config) for result in _with_ratios(results)]
 
 
 def _fastest(group: list[Result]) -> Result:

@@ -20,10 +20,10 @@ def results_to_markdown(results: Sequence[Result], limits: dict[str, Any] | None
     the % of peak filled in for results that lack it."""
     lines = []
     if limits is not None:
-        rates = ", ".join(f"{key.removesuffix('_gflops')} {value:,.0f}" for key, value in limits.items()
-                          if key.endswith("_gflops"))
-        lines += [f"Machine limit ({limits['device']}, {limits['size']}x{limits['size']} matmul, GFLOP/s): {rates}",
-                  ""]
+        rates = ", ".join(f"{name} {value:,.0f} ({limits.get(f'{name}_size', limits['size'])})"
+                          for name, value in ((key.removesuffix("_gflops"), value) for key, value in limits.items()
+                                              if key.endswith("_gflops")))
+        lines += [f"Machine limit ({limits['device']}, GFLOP/s of a square matmul (its side)): {rates}", ""]
     lines += ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
     for result in results:
         fraction = result.fraction_of_peak

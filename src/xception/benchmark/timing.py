@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..hardware import probe
 from ..models import create_model
-from ..precision import PRECISIONS, TRAINING_PRECISIONS, autocast, get_precision
+from ..precision import AUTO, PRECISIONS, TRAINING_PRECISIONS, autocast, choose_precision
 from ..summary import summarize
 from ..training.step import train_step
 
@@ -67,7 +68,9 @@ class BenchmarkConfig:
     model_options: dict[str, Any] = field(default_factory=dict)  # create_model keywords, e.g. middle_repeats=0
     batch_size: int = 1
     img_size: int | tuple[int, int] = 299  # stored as (height, width)
-    precision: str = "fp32"  # of TRAINING_PRECISIONS; bf16 and fp16 run under torch.autocast on the device
+    # "auto" (resolved here: the machine's fastest native precision) or one of TRAINING_PRECISIONS; bf16 and fp16
+    # run under torch.autocast on the device
+    precision: str = AUTO
     channels_last: bool = False
     compile: bool = False  # torch.compile with its default mode; the first call is reported as compile time
     mode: Mode = "inference"
@@ -81,6 +84,7 @@ class BenchmarkConfig:
     # (inference only), beside the eager candidates: BN folded, layout by measurement, bf16 weights or int8
     # (calibrated on random images: speed does not depend on the calibration), compiled where "+compile" says so.
     deploy: tuple[str, ...] = ()
+    precision_reason: str = field(default="", init=False)  # set from the resolved precision
 
     def __post_init__(self) -> None:
         size = (self.img_size, self.img_size) if isinstance(self.img_size, int) else tuple(self.img_size)
@@ -90,7 +94,9 @@ class BenchmarkConfig:
         for name, choices in (("mode", MODES), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        get_precision(self.precision, self.device, allowed=TRAINING_PRECISIONS)  # fp16 needs CUDA
+        choice = choose_precision(self.precision, self.device, allowed=TRAINING_PRECISIONS)  # fp16 needs CUDA
+        object.__setattr__(self, "precision", choice.name)
+        object.__setattr__(self, "precision_reason", choice.reason)
         object.__setattr__(self, "deploy", tuple(self.deploy))
         if any(candidate not in DEPLOY_CANDIDATES for candidate in self.deploy):
             raise InvalidArgumentError(f"deploy candidates must be among {DEPLOY_CANDIDATES}, got {self.deploy}")
@@ -137,6 +143,8 @@ class Result:
     fraction_of_peak: float | None = None  # achieved FLOP/s / matmul FLOP/s from machine_limits
     note: str = ""  # e.g. the throughput of timm's other layout
     skipped: str | None = None  # why the candidate did not run
+    machine: str = ""  # xception.hardware.probe().line(): where the figure was measured
+    precision_reason: str = ""  # why the config's precision (auto resolved, or as asked)
 
 
 @dataclass
@@ -174,7 +182,7 @@ def measure(model: nn.Module | Callable[[], nn.Module] | None, config: Benchmark
         label = name or getattr(module, "model_name", None) or type(module).__name__
         candidate = module_candidate(label, module, config)
         result = run_interleaved([candidate], config)[0]
-    return with_peak_fraction(result, limits)
+    return with_peak_fraction(result, limits, config)
 
 
 def run_interleaved(candidates: Sequence[Candidate], config: BenchmarkConfig) -> list[Result]:
@@ -390,12 +398,16 @@ def _train_step(module: nn.Module, runner: nn.Module, x: torch.Tensor,
     return step
 
 
-def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
-                   num_threads: int | None = None) -> dict[str, Any]:
-    """Best-of-``repeats`` GFLOP/s of a ``size`` x ``size`` matmul per precision: the compute a network could
-    reach on this device. Keys: ``device``, ``size``, and ``<precision>_gflops`` for each precision of
-    :data:`xception.precision.PRECISIONS` that runs on ``device`` (fp32, bf16; fp16 on CUDA; int8 on the CPU, as
-    ``torch._int_mm``'s int8 x int8 -> int32 operations per second).
+def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu", num_threads: int | None = None,
+                   seconds: float = 3.0) -> dict[str, Any]:
+    """Best-of-``repeats`` GFLOP/s of a square matmul per precision: the compute a network could reach on this
+    device. Keys: ``device``, ``size`` (the largest side measured), and ``<precision>_gflops`` and
+    ``<precision>_size`` for each precision of :data:`xception.precision.PRECISIONS` that runs on ``device`` (fp32,
+    bf16; fp16 on CUDA; int8 on the CPU, as ``torch._int_mm``'s int8 x int8 -> int32 operations per second).
+
+    Each precision gets about ``seconds``: the side doubles from 256 up to ``size`` while the next size still fits a
+    quarter of that time, so a precision the machine runs slowly (bf16 on an AVX2 CPU: about 1 GFLOP/s, where a
+    4096 matmul would take minutes) is measured on a smaller matrix, and says so in its ``_size``.
 
     Dense matmul is the most efficient kernel there is; a depthwise separable network moves far more bytes per
     FLOP, so a fraction well below 1 is expected, and the fraction is for comparing runs, not a target.
@@ -403,29 +415,49 @@ def machine_limits(repeats: int = 5, size: int = 4096, device: str = "cpu",
     fraction above 1 means the limit was measured while something else used the machine).
     """
     check_device(device)
-    sync = _synchronizer(device)
-    limits: dict[str, Any] = {"device": device, "size": size}
+    limits: dict[str, Any] = {"device": device, "size": 0}
     with intra_op_threads(num_threads):
         for precision in (p for p in PRECISIONS.values() if device in p.devices):
-            multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-            if precision.name == "int8":
-                a = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
-                b = torch.randint(-128, 128, (size, size), device=device, dtype=torch.int8)
-                multiply = torch._int_mm  # oneDNN's int8 GEMM, the kernel family int8 convolutions use
-            else:
-                a = torch.randn(size, size, device=device, dtype=precision.dtype)
-                b = torch.randn(size, size, device=device, dtype=precision.dtype)
-                multiply = torch.mm
-            multiply(a, b)  # warm-up: library initialisation and kernel selection
-            sync()
-            best = math.inf
-            for _ in range(repeats):
-                start = perf_counter()
-                multiply(a, b)
-                sync()
-                best = min(best, perf_counter() - start)
-            limits[f"{precision.name}_gflops"] = 2 * size**3 / best / 1e9
+            side, gflops = _matmul_limit(precision, device, size, repeats, seconds)
+            limits[f"{precision.name}_gflops"], limits[f"{precision.name}_size"] = gflops, side
+            limits["size"] = max(limits["size"], side)
     return limits
+
+
+def _matmul_limit(precision: Any, device: str, largest: int, repeats: int, seconds: float) -> tuple[int, float]:
+    """(side, best GFLOP/s) of ``precision``'s matmul within about ``seconds``."""
+    sync = _synchronizer(device)
+
+    def operands(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if precision.name == "int8":
+            return tuple(torch.randint(-128, 128, (side, side), device=device, dtype=torch.int8) for _ in range(2))
+        return tuple(torch.randn(side, side, device=device, dtype=precision.dtype) for _ in range(2))
+
+    # oneDNN's int8 GEMM, the kernel family int8 convolutions use
+    multiply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch._int_mm if precision.name == "int8" \
+        else torch.mm
+
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
+        start = perf_counter()
+        multiply(a, b)
+        sync()
+        return perf_counter() - start
+
+    side = min(256, largest)
+    a, b = operands(side)
+    multiply(a, b)  # warm-up: library initialisation and kernel selection
+    sync()
+    elapsed = timed(a, b)
+    while side * 2 <= largest and 8 * elapsed < seconds / 4:  # twice the side: eight times the work
+        side *= 2
+        a, b = operands(side)
+        elapsed = timed(a, b)
+    best, deadline = elapsed, perf_counter() + seconds / 2
+    for _ in range(repeats - 1):
+        if perf_counter() > deadline:
+            break
+        best = min(best, timed(a, b))
+    return side, 2 * side**3 / best / 1e9
 
 
 def peak_fraction(result: Result, limits: dict[str, Any]) -> float | None:
@@ -440,8 +472,10 @@ def peak_fraction(result: Result, limits: dict[str, Any]) -> float | None:
     return flops_per_image * result.images_per_s / 1e9 / limit
 
 
-def with_peak_fraction(result: Result, limits: dict[str, Any] | None) -> Result:
-    """``result`` with ``fraction_of_peak`` filled in from ``limits`` (unchanged without limits)."""
+def with_peak_fraction(result: Result, limits: dict[str, Any] | None, config: BenchmarkConfig) -> Result:
+    """``result`` with ``fraction_of_peak`` filled in from ``limits`` (where given), the machine line and the reason
+    for the config's precision: every result says where and why it was measured."""
+    stamped = dataclasses.replace(result, machine=probe().line(), precision_reason=config.precision_reason)
     if limits is None:
-        return result
-    return dataclasses.replace(result, fraction_of_peak=peak_fraction(result, limits))
+        return stamped
+    return dataclasses.replace(stamped, fraction_of_peak=peak_fraction(stamped, limits))

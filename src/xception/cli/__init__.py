@@ -1,10 +1,12 @@
-"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark, experiment."""
+"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark, experiment,
+env."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,6 +16,8 @@ from typing import Any
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
 from ..models import list_models
+from ..precision import AUTO, DEPLOY_PRECISIONS, TRAINING_PRECISIONS
+from .env import add_env_command
 from .results import report_file_results
 from .segment import add_segment_command
 from .share import add_push_command
@@ -28,17 +32,38 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return bounded(int, minimum=minimum)
 
 
-def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["middle_repeats=4", "fc_layers=(4096, 4096)"]`` -> keyword arguments (Python literals)."""
+# create_model's arguments that are not architecture options: a command sets them from its flags or the data.
+NOT_OPTIONS = {"weights": "--weights", "device": "--device", "dtype": "--precision", "features_only": "the command",
+               "out_indices": "the command"}
+# What each training command sets from the data or a flag of its own, so that --set would give it twice (a
+# segmentation model's drop_rate is its head's, an option; a classifier's output_stride is an option too).
+TRAINING_OWNED = {"classification": {"num_classes": "the data's classes", "in_chans": "the data's channels",
+                                     "drop_rate": "--drop-rate"},
+                  "segmentation": {"num_classes": "the data's classes", "in_chans": "the data's channels",
+                                   "output_stride": "--output-stride"}}
+
+
+def parse_options(pairs: Sequence[str], owned: dict[str, str] | None = None) -> dict[str, Any]:
+    """``["middle_repeats=4", "fc_layers=(4096, 4096)"]`` -> keyword arguments (Python literals), each value held to
+    the models' declaration of its option here, so that a wrong one is refused naming --set, before the command
+    loads data or builds a model (the model checks them again, against its own options)."""
+    from ..models.registry import option_problem
+
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidArgumentError(f"--set takes KEY=VALUE, got {pair!r}")
+        setter = {**NOT_OPTIONS, **(owned or {})}.get(key)
+        if setter is not None:
+            raise InvalidArgumentError(f"{key} is not an architecture option for --set: it comes from {setter}")
         try:
             options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             options[key] = value  # a bare word such as relu or keras
+        problem = option_problem(key, options[key])
+        if problem:
+            raise InvalidArgumentError(f"{key} (--set) {problem}")
     return options
 
 
@@ -46,7 +71,8 @@ def command_summary(args: argparse.Namespace) -> int:
     from ..models import create_model
     from ..summary import summarize
 
-    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **parse_options(args.set))
+    options = parse_options(args.set, {"num_classes": "--num-classes", "in_chans": "--in-chans"})
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, **options)
     size = (args.img_size, args.img_size) if args.width is None else (args.img_size, args.width)
     summary = summarize(model, size)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.to_table())
@@ -151,7 +177,7 @@ def command_train(args: argparse.Namespace) -> int:
     from ..training import train
     from ..training.config import config_from_args
 
-    config = config_from_args(args, parse_options(args.model_options))
+    config = config_from_args(args, parse_options(args.model_options, TRAINING_OWNED["classification"]))
     result = train(config)
     output = Path(result["output"])
     if result["history"]:
@@ -203,10 +229,9 @@ def command_predict(args: argparse.Namespace) -> int:
     from ..inference import CALIBRATION_IMAGES, deploy_loaded, load_images, load_model, predict
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
-    if args.precision is not None:
-        calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
-        batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
-        loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
+    calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
+    batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
+    loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
     results = predict(loaded, args.inputs, top_k=args.top_k, batch_size=PREDICT_BATCH)
     return report_file_results(results, args.inputs, as_json=args.json, describe=lambda result: ", ".join(
         f"{p['class']} {p['probability']:.3f}" for p in result["predictions"]))
@@ -273,9 +298,9 @@ def add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder, or "
                                            "runs/eval-MODEL-WEIGHTS)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
-    evaluate.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
-                          help="evaluate the deployed model (optimize_for_inference) at this precision; int8 is "
-                               "calibrated on 512 training images")
+    evaluate.add_argument("--precision", choices=(AUTO, *DEPLOY_PRECISIONS), default=AUTO,
+                          help="evaluate the deployed model (optimize_for_inference) at this precision (auto: bf16 "
+                               "where the CPU runs it natively, else fp32); int8 is calibrated on 512 training images")
     evaluate.set_defaults(run=command_eval)
 
 
@@ -287,9 +312,9 @@ def add_predict_command(commands: Any) -> None:
     pred.add_argument("--model", default="xception", choices=list_models("classification"), help="model of --weights")
     pred.add_argument("--top-k", type=at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="one JSON object per file")
-    pred.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
-                      help="run the deployed model (BN folded; not compiled except for int8, which is "
-                           "calibrated on the given images)")
+    pred.add_argument("--precision", choices=(AUTO, *DEPLOY_PRECISIONS), default=AUTO,
+                      help="run the deployed model at this precision (auto: bf16 where the CPU runs it natively, else "
+                           "fp32; BN folded; not compiled except for int8, which is calibrated on the given images)")
     pred.set_defaults(run=command_predict)
 
 
@@ -299,8 +324,9 @@ def add_benchmark_command(commands: Any) -> None:
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
     bench.add_argument("--batch-size", type=at_least(1), default=1)
     bench.add_argument("--img-size", type=at_least(1), default=299)
-    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast precision of the eager candidates")
+    bench.add_argument("--precision", choices=(AUTO, *TRAINING_PRECISIONS), default=AUTO,
+                       help="autocast precision of the eager candidates (auto: the fastest this machine runs "
+                            "natively)")
     bench.add_argument("--deploy", default="", metavar="CANDIDATES",
                        help="also time ours as optimize_for_inference makes it, for each of these comma-separated "
                             "candidates: fp32, bf16, int8 (always compiled), fp32+compile, bf16+compile "
@@ -409,13 +435,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_command(commands)
     add_segment_command(commands)
     add_push_command(commands)
+    add_env_command(commands)
     return parser
+
+
+class _StandardError(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a message comes (pytest swaps it per test)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def show_library_messages() -> None:
+    """The library's messages (the precision chosen and why, a planned schedule, each epoch's scores, warnings) on
+    stderr, one line each, beside the command's own output on stdout."""
+    logger = logging.getLogger("xception")
+    if not any(isinstance(handler, _StandardError) for handler in logger.handlers):
+        handler = _StandardError()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command. Problems with the input, files or environment (the library's own errors and the OS's) are
     one line on stderr and exit code 2; anything else is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
+    show_library_messages()
     try:
         return args.run(args)
     except BrokenPipeError:  # the reader went away (xception models | head): nothing to report

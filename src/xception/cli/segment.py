@@ -15,9 +15,10 @@ def command_train(args: argparse.Namespace) -> int:
     """Train (the camvid recipe by default) with the classification loop, then say where everything is."""
     from ..training import train
     from ..training.config import config_from_args
-    from . import parse_options
+    from . import TRAINING_OWNED, parse_options
 
-    result = train(config_from_args(args, parse_options(args.model_options), task="segmentation"))
+    result = train(config_from_args(args, parse_options(args.model_options, TRAINING_OWNED["segmentation"]),
+                                   task="segmentation"))
     output = Path(result["output"])
     if result["history"]:
         last = result["history"][-1]
@@ -102,4 +103,5 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="flip and multi-scale inference (DeepLab's): the softmax averaged over scales 0.5, 0.75, "
                              "1, 1.25, 1.5 and 1.75 and their mirror images")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast precision")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="autocast precision (auto: bf16 where the CPU runs it natively, else fp32)")

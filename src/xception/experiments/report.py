@@ -3,19 +3,15 @@ report that gathers them with a summary of the verdicts."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import shutil
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..files import save_figure, write_text_atomic
+from ..hardware import probe
 from ..training.recipes import get_recipe
 from .definitions import EXPERIMENT_NAMES, EXPERIMENTS, FULL, RECIPE, plural
 from .verdicts import SCORE_NAMES, ExperimentResult, percent
@@ -27,13 +23,9 @@ def today() -> str:
 
 
 def machine_description() -> str:
-    """CPU model, cores, torch version and the threads torch uses: what the speeds depend on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} with "
-            f"{plural(torch.get_num_threads(), 'thread')}")
+    """The machine line of every record (:meth:`xception.hardware.Hardware.line`): CPU model and instruction sets,
+    cores and torch's threads, GPUs, torch."""
+    return probe().line()
 
 
 # --- outputs ---------------------------------------------------------------------------------------

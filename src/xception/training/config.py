@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.segmentation import SEGMENTATION_AUGMENTATIONS, check_scale_range
 from ..errors import InvalidArgumentError
-from ..precision import TRAINING_PRECISIONS
+from ..precision import AUTO, TRAINING_PRECISIONS
 from .recipes import OPTIMIZERS, RECIPES, TASKS, Recipe, get_recipe
 
 CLASSIFICATION, SEGMENTATION = ("classification",), ("segmentation",)
@@ -122,14 +122,17 @@ class TrainConfig:
     seed: int = option(0, "random seed (data order, augmentation, initialisation)", minimum=0)
     deterministic: bool = option(False, "deterministic kernels: a resumed run ends bit for bit the same")
     workers: int = option(0, "DataLoader worker processes", minimum=0)
-    precision: str | None = option(None, "autocast precision (default: the recipe's)", recipe=True,
-                                   choices=TRAINING_PRECISIONS)
+    precision: str | None = option(None, "autocast precision; auto: the fastest this machine runs natively (bf16 "
+                                         "with AVX512_BF16, AMX or a bf16 GPU; fp16 on older GPUs; else fp32), "
+                                         "printed at start (default: the recipe's, auto)", recipe=True,
+                                   choices=(AUTO, *TRAINING_PRECISIONS))
     # Depthwise convolutions run several times faster in channels_last on the CPU (measured: 3.6x for the compact
     # model's forward pass on this project's 2-core machine with torch 2.14).
     channels_last: bool = option(True, "channels_last memory layout (depthwise convolutions are faster in it)")
     compile: bool = option(False, "torch.compile the model")
-    max_minutes: float | None = option(None, "stop cleanly after this long, checkpoint written (resume later)",
-                                       above=0)
+    max_minutes: float | None = option(None, "time budget: a cosine or poly schedule is planned to end inside it "
+                                             "from the speed of the first steps; any run stops cleanly when it is "
+                                             "spent, checkpoint written (resume later)", above=0)
     grad_accumulation: int = option(1, "micro-batches per optimizer step", minimum=1)
     clip_grad_norm: float | None = option(None, "clip the gradient norm to this", above=0, recipe=True)
     drop_rate: float | None = option(None, "dropout before the classifier (default: the recipe's)", minimum=0,

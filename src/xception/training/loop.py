@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,9 @@ from tqdm import tqdm
 from ..data import sample_labels
 from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
-from ..precision import get_precision
+from ..hardware import probe
+from ..precision import PrecisionChoice, choose_precision
+from .budget import BudgetPlanner, Schedule, SchedulePlan, time_evaluation
 from .checkpoint import (
     TrainingState,
     capture_rng_state,
@@ -127,6 +131,7 @@ class RunState:
     # This epoch's running sums, so that a resumed epoch reports what an uninterrupted one would.
     totals: dict[str, float] = field(default_factory=lambda: {"seen": 0, "loss_sum": 0.0, "correct": 0,
                                                               "skipped": 0})
+    plan: SchedulePlan | None = None  # the epochs a --max-minutes budget holds (xception.training.budget)
 
     def new_epoch(self) -> None:
         self.epoch, self.position = self.epoch + 1, 0
@@ -173,6 +178,7 @@ def save_run(name: str, run: RunState, trainer: Trainer, config: TrainConfig,
         scheduler=None, grad_scaler=trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
         rng=capture_rng_state(),
         extra={"history": run.history, "steps_log": run.steps_log, "epoch_totals": run.totals,
+               "plan": run.plan.to_json() if run.plan else None,
                "config": {k: str(v) for k, v in config.to_json().items()}})
     save_checkpoint(config.output, name, state, architecture=model.architecture(), model_name=model.model_name)
 
@@ -196,8 +202,10 @@ def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunSt
         trainer.scaler.load_state_dict(state.grad_scaler)
     restore_rng_state(state.rng)
     log.info("resumed %s at epoch %d, step %d", config.output, state.epoch, state.step)
+    plan = state.extra.get("plan")
     return RunState(state.epoch, state.step, state.position, state.best_score, state.extra.get("history", []),
-                    state.extra.get("steps_log", []), state.extra.get("epoch_totals", RunState().totals))
+                    state.extra.get("steps_log", []), state.extra.get("epoch_totals", RunState().totals),
+                    SchedulePlan(**plan) if plan else None)
 
 
 # --- building a run ----------------------------------------------------------------------------------
@@ -239,6 +247,20 @@ def start_epoch(trainer: Trainer, run: RunState, config: TrainConfig, recipe: Re
     return wrapped, torch.compile(wrapped) if config.compile else wrapped
 
 
+def settle_numerics(config: TrainConfig, recipe: Recipe, device: torch.device,
+                    distributed: Distributed) -> tuple[Recipe, PrecisionChoice]:
+    """The recipe with its precision resolved (``auto``: the machine's fastest native one, said once), deterministic
+    kernels where asked, and every random generator seeded."""
+    precision = choose_precision(recipe.precision, device)
+    if distributed.is_main:
+        log.info("%s", precision.describe())
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    seed_everything(config.seed + distributed.rank)
+    return replace(recipe, precision=precision.name), precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -253,11 +275,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     of the run, resumed or not."""
     recipe = config.resolved_recipe()
     distributed, device = init_distributed()
-    get_precision(recipe.precision, device)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    seed_everything(config.seed + distributed.rank)
+    recipe, precision = settle_numerics(config, recipe, device, distributed)
 
     task = task_for(config)
     train_set, val_set, train_sampler, val_sampler = task.datasets(recipe, distributed)
@@ -272,23 +290,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise InvalidArgumentError(f"the training set ({len(train_set)} images) is smaller than one global batch "
                                    f"({batch_size * accumulation * distributed.world_size}): lower --batch-size")
     steps_per_epoch = micro_per_epoch // accumulation
-    total_steps = min(steps_per_epoch * recipe.epochs, config.max_steps or steps_per_epoch * recipe.epochs)
     global_batch = batch_size * accumulation * distributed.world_size
     run = resume_run(trainer, config, num_classes) if config.resume else RunState()
-
+    record_config = functools.partial(write_run_config, config, recipe, precision, train_set, task)
     if distributed.is_main:
-        write_text_atomic(config.output / "config.json", json.dumps(
-            {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
-             "in_chans": train_set.in_chans, **task.run_info()}, indent=2))
+        record_config(run.plan)
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
     started = time.monotonic()
+    schedule = Schedule(recipe, steps_per_epoch, config.max_steps, run.plan,
+                        BudgetPlanner.for_run(recipe, config.max_minutes, started, steps_per_epoch, run.step, run.plan),
+                        on_plan=functools.partial(adopt_plan, run, record_config, distributed))
     val_loader = make_loader(val_set, val_sampler, batch_size, config.workers, collate_fn=task.collate())
     batch_options = {"mixer": batch_mixer(recipe, num_classes), "accumulation": accumulation,
                      "class_weights": None if weights is None else weights.to(device),
                      "ignore_index": task.ignore_index, "lovasz_weight": recipe.lovasz_weight,
                      "label_stride": recipe.label_stride}
     # A resumed run may have nothing left to do.
-    stop_reason = "finished" if run.epoch >= recipe.epochs or run.step >= total_steps else None
+    stop_reason = "finished" if run.epoch >= schedule.epochs or run.step >= schedule.total_steps else None
 
     while stop_reason is None:
         train_sampler.set_epoch(run.epoch)
@@ -298,7 +316,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         wrapped, forward = start_epoch(trainer, run, config, recipe, distributed)
         micro = run.position // batch_size  # micro-batches of this epoch already done
         bar = tqdm(total=steps_per_epoch, initial=micro // accumulation, unit="step",
-                   desc=f"epoch {run.epoch + 1}/{recipe.epochs}",
+                   desc=f"epoch {run.epoch + 1}/{schedule.epochs}",
                    disable=not (config.progress and distributed.is_main), dynamic_ncols=True)
         batches = iter(loader)
         while micro < micro_per_epoch and stop_reason is None:
@@ -314,11 +332,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     micro_step(forward, images, labels, run, trainer, config, recipe, device, batch_options)
             if not last_micro_step:
                 continue
-            lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, total_steps)
+            lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, schedule.total_steps)
             optimizer_step(model, trainer.optimizer, trainer.scaler, lr=lr, clip_grad_norm=recipe.clip_grad_norm)
             run.step += 1
             if ema is not None:
                 ema.update(model, run.step)
+            if schedule.after_step(run.step, run.epoch, lambda: time_evaluation(
+                    task, ema.module if ema is not None else model, val_set, len(val_loader), batch_size, device,
+                    recipe.precision, config.channels_last)):
+                bar.set_description(f"epoch {run.epoch + 1}/{schedule.epochs}")
             bar.update(1)
             bar.set_postfix(loss=f"{run.train_loss():.3f}", lr=f"{lr:.4g}")
             if run.step % 20 == 0:
@@ -326,14 +348,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
                           "train_loss": run.train_loss(), "lr": lr}
                 run.steps_log.append(record)
                 logger.log(record)
-            stop_reason = stop_check(config, run, total_steps, started, mid_epoch=micro < micro_per_epoch)
+            stop_reason = stop_check(config, run, schedule.total_steps, started, mid_epoch=micro < micro_per_epoch)
             if stop_reason is None and run.step % config.checkpoint_every == 0 and distributed.is_main:
                 save_run("last", run, trainer, config)
         bar.close()
         if micro == micro_per_epoch:  # the epoch is complete: evaluate, record, checkpoint
             end_epoch(run, trainer, task, config, recipe, val_loader, num_classes, device, distributed, logger,
                       started)
-            if stop_reason is None and (run.epoch >= recipe.epochs or run.step >= total_steps):
+            schedule.after_epoch(run.epoch, run.step)
+            if stop_reason is None and (run.epoch >= schedule.epochs or run.step >= schedule.total_steps):
                 stop_reason = "finished"
         if distributed.is_main:
             save_run("last", run, trainer, config)
@@ -346,6 +369,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
         dist.destroy_process_group()
     return {"output": str(config.output), "epochs": run.epoch, "steps": run.step, f"best_{task.score}": run.best_score,
             "history": run.history, "steps_log": run.steps_log, "stopped": stop_reason}
+
+
+def adopt_plan(run: RunState, record_config: Callable[[SchedulePlan], None], distributed: Distributed,
+               plan: SchedulePlan) -> None:
+    """Keep the schedule planned for a time budget in the run's state (its checkpoints), say so, record it."""
+    run.plan = plan
+    if distributed.is_main:
+        log.info("schedule planned: %s", plan.describe())
+        record_config(plan)
+
+
+def write_run_config(config: TrainConfig, recipe: Recipe, precision: PrecisionChoice, train_set: Any, task: Any,
+                     plan: SchedulePlan | None) -> None:
+    """config.json: the options, the resolved recipe, the classes, the precision chosen and why, the machine it was
+    chosen on, and the schedule planned for a time budget."""
+    write_text_atomic(config.output / "config.json", json.dumps(
+        {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
+         "in_chans": train_set.in_chans, **task.run_info(), "precision": precision.to_json(),
+         "machine": probe().line(), "schedule_plan": plan.to_json() if plan else None}, indent=2))
 
 
 def micro_step(forward: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: RunState, trainer: Trainer,

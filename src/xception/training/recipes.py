@@ -48,7 +48,9 @@ class Recipe:
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # Polyak averaging of the weights, used for evaluation
     clip_grad_norm: float | None = None
-    precision: str = "fp32"  # autocast: "fp32", "bf16" (CPU with AVX-512 BF16/AMX, or CUDA) or "fp16" (CUDA)
+    # autocast: "auto" (the machine's fastest native precision: xception.precision.choose_precision), "fp32",
+    # "bf16" (CPUs with AVX512_BF16 or AMX, recent GPUs) or "fp16" (CUDA)
+    precision: str = "auto"
     # Fine-tuning pretrained weights (see the "finetune" recipe):
     freeze_epochs: int = 0  # first train the classifier alone, the rest frozen with its BatchNorm in inference mode
     # The head-only phase's rate as a multiple of the schedule's: a lone linear classifier on fixed features takes
@@ -105,16 +107,13 @@ RECIPES: dict[str, Recipe] = {
     "compact": Recipe(
         name="compact",
         source="this project: a narrow Xception for 28-32 px images (stem without stride, two entry modules), "
-               "SGD with Nesterov momentum, linear warm-up and cosine decay, label smoothing, EMA, bf16 autocast",
+               "SGD with Nesterov momentum, linear warm-up and cosine decay, label smoothing, EMA",
         model_options={"stem_stride": 1, "stem_padding": "same", "stem_widths": (16, 32), "entry_widths": (48, 96),
                        "middle_repeats": 1, "exit_widths": (96, 192), "tail_widths": (192, 384),
                        "bn_momentum": 0.1},
         optimizer="sgd", lr=0.1, reference_batch_size=128, momentum=0.9, nesterov=True, weight_decay=5e-4,
         schedule="cosine", warmup_epochs=0.5, epochs=9, batch_size=128, img_size=28, augmentation="compact",
         drop_rate=0.1, label_smoothing=0.1, ema_decay=0.999, clip_grad_norm=None,
-        # bf16 autocast halves the step time on CPUs with AVX-512 BF16 or AMX (measured on this project's
-        # machine: 99 vs 205 ms per batch of 128), which buys 9 epochs instead of 6 in the same time.
-        precision="bf16",
     ),
     "finetune": Recipe(
         name="finetune",
@@ -143,8 +142,8 @@ RECIPES: dict[str, Recipe] = {
                "random scaling 0.5-2.0, random crop and horizontal flip, output stride 16, predictions at full "
                "resolution; here on a narrow Xception (stem stride 2, three entry modules) trained from scratch for "
                "CamVid's 480x360 images on a 2-core CPU, with AdamW (Loshchilov and Hutter, ICLR 2019) in place of "
-               "the paper's SGD, run at half the input's resolution (input_scale 0.5), with colour jitter, bf16 "
-               "autocast, and the Lovász-softmax loss (Berman et al., CVPR 2018) beside the cross-entropy on a "
+               "the paper's SGD, run at half the input's resolution (input_scale 0.5), with colour jitter "
+               "and the Lovász-softmax loss (Berman et al., CVPR 2018) beside the cross-entropy on a "
                "4-pixel label grid",
         task="segmentation", model="deeplabv3plus_xception",
         # input_scale 0.5: the network runs at 240x180 for a 480x360 image and its logits are resized back, so the
@@ -177,7 +176,6 @@ RECIPES: dict[str, Recipe] = {
         # and 62.1% over the last 10, against 62.3% and 59.3% with the same seed before the Lovász term;
         # benchmarks/results/camvid.json records each epoch's minutes).
         schedule="poly", warmup_epochs=1.0, epochs=48, batch_size=4, img_size=448, augmentation="deeplab",
-        precision="bf16",
     ),
 }
 
