@@ -22,6 +22,7 @@ import xception
 from xception.cli import main
 from xception.data import FASHION_MNIST_CLASSES, eval_transform, load_fashion_mnist
 from xception.errors import InvalidArgumentError, WeightFileError
+from xception.hardware import simulate
 from xception.hub import run_metrics
 from xception.training import TrainConfig, train
 from xception.training.checkpoint import read_architecture
@@ -251,12 +252,13 @@ def test_predict_with_hub_weights(run_dir: Path, tmp_path: Path, stand_in: HubSt
     publish_folder(stand_in, "me/fashion", folder)
     image = tmp_path / "0.png"
     Image.fromarray(load_fashion_mnist("test")[0][0].numpy()).save(image)
-    assert main(["predict", "--weights", "hf-hub:me/fashion", str(image), "--json", "--top-k", "2"]) == 0
-    from_hub = json.loads(capsys.readouterr().out)
-    assert main(["predict", "--checkpoint", str(run_dir), str(image), "--json", "--top-k", "2"]) == 0
-    from_run = json.loads(capsys.readouterr().out)
-    assert main(["predict", "--checkpoint", str(folder), str(image), "--json", "--top-k", "2"]) == 0
-    from_folder = json.loads(capsys.readouterr().out)
+    with simulate(cpu_bf16=False):  # the weights as loaded (fp32), on any CPU: the same numbers from each source
+        assert main(["predict", "--weights", "hf-hub:me/fashion", str(image), "--json", "--top-k", "2"]) == 0
+        from_hub = json.loads(capsys.readouterr().out)
+        assert main(["predict", "--checkpoint", str(run_dir), str(image), "--json", "--top-k", "2"]) == 0
+        from_run = json.loads(capsys.readouterr().out)
+        assert main(["predict", "--checkpoint", str(folder), str(image), "--json", "--top-k", "2"]) == 0
+        from_folder = json.loads(capsys.readouterr().out)
     assert from_hub["predictions"] == from_run["predictions"] == from_folder["predictions"]
     assert from_hub["predictions"][0]["class"] in FASHION_MNIST_CLASSES
 

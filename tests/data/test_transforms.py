@@ -21,6 +21,7 @@ import xception
 import xception.inference
 from xception.cli import main
 from xception.data.transforms import ClassificationTransform, decode_image, open_image
+from xception.hardware import simulate
 from xception.inference import calibration_images, load_registered, preprocess_file
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -116,7 +117,8 @@ def test_cli_and_api_give_identical_tensors(kind: str, images: dict[str, Path], 
 def test_predict_command_feeds_the_model_the_api_tensors(images: dict[str, Path], api: ClassificationTransform,
                                                          recorder: Recorder, capsys: pytest.CaptureFixture) -> None:
     files = [str(images[kind]) for kind in KINDS]
-    assert main(["predict", "--weights", "imagenet", *files, "--json"]) == 0
+    with simulate(cpu_bf16=False):  # precision auto runs the model as loaded (fp32), not a deployed copy of it
+        assert main(["predict", "--weights", "imagenet", *files, "--json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(KINDS)
     [batch] = recorder.batches
     assert torch.equal(batch, torch.stack([api(Image.open(path)) for path in files]))
@@ -133,8 +135,9 @@ def test_eval_command_and_int8_calibration_use_the_api_tensors(tmp_path: Path, a
         (tmp_path / "data" / split / "b.jpg").rename(tmp_path / "data" / split / "b" / "rotated.jpg")
     files = sorted((tmp_path / "data" / "val").rglob("*.*"))  # the dataset's order: class folders, then names
     expected = torch.stack([api(Image.open(path)) for path in files])
-    code = main(["eval", "--weights", "imagenet", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
-                 "--json"])
+    with simulate(cpu_bf16=False):  # precision auto evaluates the model as loaded (fp32), not a deployed copy
+        code = main(["eval", "--weights", "imagenet", "--data", str(tmp_path / "data"), "--output",
+                     str(tmp_path / "out"), "--json"])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["samples"] == len(KINDS)
     [batch] = recorder.batches

@@ -144,7 +144,7 @@ def test_eval_of_the_deployed_model_at_each_precision(trained_run, capsys):
     assert abs(top1["int8"] - eager) <= 0.02
     # The default is auto's choice: bf16 deployed where it is native, else the model as trained (fp32, eager).
     auto = choose_precision("auto", "cpu", DEPLOY_PRECISIONS).name
-    assert top1[None] == (eager if auto == "fp32" else top1[auto])
+    assert abs(top1[None] - (eager if auto == "fp32" else top1[auto])) <= 2e-4  # bf16's layout is timed per run
 
 
 def test_predict_command(trained_run, tmp_path, capsys):
