@@ -52,8 +52,10 @@ from xception.errors import InvalidArgumentError
 from xception.experiments.report import machine_description, today
 from xception.files import save_figure, write_text_atomic
 from xception.inference_segmentation import TTA_SCALES, LoadedSegmenter, evaluate_segmenter, load_segmenter
+from xception.precision import choose_precision
 from xception.training import TrainConfig, train
 from xception.training.config import bounded
+from xception.training.recipes import Recipe
 from xception.training.segmentation_metrics import confusion_matrix, mean_iou, per_class_iou, segment
 
 ROOT = Path(__file__).resolve().parent
@@ -98,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--set input_scale=0.75 --set 'atrous_rates=(3, 6, 9)'; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="also evaluate with flip and multi-scale inference")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of the final evaluation")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="of the final evaluation (auto: the machine's fastest native precision)")
     parser.add_argument("--smoke", action="store_true", help="the same path on a few images in seconds: a test")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="train nothing: print a markdown table of recorded runs (their camvid.json files), "
@@ -318,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         raise InvalidArgumentError(f"{args.output} already holds a run; the recorded run starts from scratch: give "
                                    "another --output or remove it")
     config = training_config(args)
-    recipe = config.resolved_recipe()
+    args.precision = choose_precision(args.precision, "cpu").name  # the final evaluation's, resolved once
     started = time.monotonic()
     trained = train(config)
     minutes = (time.monotonic() - started) / 60
+    run_config = json.loads((args.output / "config.json").read_text())
+    recipe = Recipe(**run_config["recipe"])  # as the run resolved it: its precision and any budget plan are known
     history = trained["history"]
     loaded = load_segmenter(args.output)
     plain = evaluate(loaded, args, tta=False)
@@ -337,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "tta": evaluate(loaded, args, tta=True) if args.tta else None,
         # The loop's evaluation after each epoch, in the recipe's precision (autocast), on the whole val split
         # (--smoke: its first images).
-        "curve_precision": recipe.precision,
+        "curve_precision": recipe.precision, "precision": run_config["precision"],
+        "schedule_plan": run_config.get("schedule_plan"),
         "curve": [{"epoch": r["epoch"], "step": r["step"], "minutes": round(r["minutes"], 3), "miou": r["val_miou"],
                    "pixel_accuracy": r["val_pixel_accuracy"]} for r in history],
     }
@@ -353,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{minutes:.1f} minutes of training, {result['steps']} steps, {result['epochs']} epochs "
           f"({result['stopped']}); {result['machine']}")
     if trained["stopped"] != "finished":
-        print(f"note: the run stopped before the recipe's {recipe.epochs} epochs, so its poly schedule did not reach "
-              "its end; fewer --epochs would fit the budget")
+        print(f"note: the run stopped at its time limit before its poly schedule reached its end (planned: "
+              f"{(result['schedule_plan'] or {}).get('epochs', recipe.epochs)} epochs)")
     print(f"results: {results / 'camvid.json'}, camvid_predictions.png, camvid_curve.png")
     return 0
 
