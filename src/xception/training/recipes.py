@@ -171,10 +171,8 @@ RECIPES: dict[str, Recipe] = {
         # on every pixel; cross-entropy alone at stride 2, 51.5%. Stride 4 also makes the step cheaper: 0.27 s
         # against 0.31 s (batch of 4, this machine's 2 cores), where the Lovász sort at stride 2 would cost 0.18 s.
         lovasz_weight=1.0, label_stride=4,
-        # 48 epochs fit the 30-minute budget with the poly schedule run to its end: an epoch takes about 33 s on an
-        # idle machine, evaluation included (recorded: 26.7 minutes for the 48, 63.4% val mIoU at the best epoch
-        # and 62.1% over the last 10, against 62.3% and 59.3% with the same seed before the Lovász term;
-        # benchmarks/results/camvid.json records each epoch's minutes).
+        # 48 epochs fit 30 minutes where bf16 is native (an epoch in about 33 s on the Zen 4 machine); elsewhere
+        # --max-minutes plans fewer, with the poly schedule still run to its end (README: CamVid, recorded).
         schedule="poly", warmup_epochs=1.0, epochs=48, batch_size=4, img_size=448, augmentation="deeplab",
     ),
 }
