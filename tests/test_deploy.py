@@ -8,7 +8,7 @@ more than trained ones; the accuracy of a trained model is measured in BENCHMARK
 
 import pytest
 import torch
-from conftest import calibrate_batch_norm, relative_error
+from conftest import calibrate_batch_norm, relative_error, skip_if_int8_kernels_simulated
 from torch import nn
 
 from xception import SeparableConv2d, create_model
@@ -74,7 +74,7 @@ def test_folding_a_feature_extractor(one_thread):
     x = torch.rand(1, 3, 71, 71)
     with torch.no_grad():
         expected = model(x)
-    actual = optimize_for_inference(model, example_input=x)(x)
+    actual = optimize_for_inference(model, "fp32", example_input=x)(x)
     assert isinstance(actual, list) and len(actual) == 2
     for a, e in zip(actual, expected, strict=True):
         assert relative_error(a, e) <= 1e-5
@@ -83,7 +83,7 @@ def test_folding_a_feature_extractor(one_thread):
 def test_fp32_deploy_matches_eager_and_reports_what_it_did(one_thread):
     model = small_xception()
     x = torch.rand(3, 3, 71, 71) * 2 - 1
-    deployed = optimize_for_inference(model, example_input=x)
+    deployed = optimize_for_inference(model, "fp32", example_input=x)  # auto is bf16 where that is native
     assert isinstance(deployed, DeployedModel)
     assert set(deployed.report["layout_ms"]) == {"contiguous", "channels_last"}
     assert deployed.report["folded_batchnorms"] == len(batch_norms(model))
@@ -107,7 +107,7 @@ def test_bf16_deploy_is_close_to_fp32(one_thread):
 def test_compiled_deploy_serves_any_batch_size_without_padding(one_thread):
     model = small_xception()
     x = torch.rand(5, 3, 71, 71) * 2 - 1
-    deployed = optimize_for_inference(model, example_input=x[:2], channels_last=True, compile=True)
+    deployed = optimize_for_inference(model, "fp32", example_input=x[:2], channels_last=True, compile=True)
     assert list(deployed.report["compiled_graphs"]) == ["Nx3x71x71"]  # one graph for every batch of two or more
     assert deployed.report["compile_s"] > 0
     with torch.no_grad():
@@ -122,6 +122,7 @@ def test_int8_deploy_runs_quantized_at_any_batch_size(one_thread):
     """Without ``example_input``: compiled at once for the calibration batch's size (16), and a batch of one runs
     in a graph of its own, not padded to 16."""
     pytest.importorskip("torchao")
+    skip_if_int8_kernels_simulated()
     # 32x32 without a strided stem: even feature maps, whose TF-same pooling window runs off the edge
     model = small_xception(32, stem_stride=1)
     calibration = torch.rand(16, 3, 32, 32) * 2 - 1
@@ -147,11 +148,14 @@ def test_int8_deploy_runs_quantized_at_any_batch_size(one_thread):
 
 
 @pytest.mark.parametrize(("precision", "channels_last"), [("int8", True), ("int8", False), ("fp32", True)])
-def test_symbolic_batch_graph_of_a_grayscale_model(precision: str, channels_last: bool, one_thread):
+def test_symbolic_batch_graph_of_a_grayscale_model(precision: str, channels_last: bool):
     """Fashion-MNIST's compact model in small: one input channel, 28x28, a stem without stride. Its symbolic-batch
     graph used to fail its own stride check at the first call (``expected size 8==8, stride 1==784``, Inductor's
     oneDNN convolution lowering taking the one-channel stem input for NCHW): int8 in both layouts, fp32 and bf16
-    compiled in channels_last. The stem convolution is now given a zero channel."""
+    compiled in channels_last. The stem convolution is now given a zero channel.
+
+    The other batch is 20, not 5: on one thread PyTorch picks the fp32 1x1 convolution's kernel by batch size (oneDNN
+    from 16 images), and a batch under 16 would compile a second graph (20 s more, nothing more tested)."""
     if precision == "int8":
         pytest.importorskip("torchao")
     model = create_model("xception", num_classes=10, in_chans=1, stem_stride=1, stem_padding="same", **SMALL).eval()
@@ -163,7 +167,7 @@ def test_symbolic_batch_graph_of_a_grayscale_model(precision: str, channels_last
         expected = model(x)
     tolerance = 0.15 if precision == "int8" else 1e-5
     assert relative_error(deployed(x), expected) <= tolerance
-    assert relative_error(deployed(x[:5]), expected[:5]) <= tolerance
+    assert relative_error(deployed(x[:20]), expected[:20]) <= tolerance
     assert list(deployed.report["compiled_graphs"]) == ["Nx1x28x28"]
 
 

@@ -261,12 +261,12 @@ def load_model(checkpoint: str | Path | None = None, model: str = "xception",
 
 
 def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_size: int = 64, workers: int = 0,
-                precision: str | None = "auto") -> tuple[dict[str, Any], list[str]]:
+                precision: str | None = "auto", max_images: int | None = None) -> tuple[dict[str, Any], list[str]]:
     """Top-1/top-5, loss, per-class accuracy and the confusion matrix of ``loaded`` on ``split`` of ``data``,
     preprocessed with the model's own transform; and the data's class names. ``precision``: evaluate the model
     deployed by :func:`xception.optimize_for_inference` at this precision (``auto``: the machine's fastest native
     one, the model as loaded where that is fp32; int8 calibrated on training images, never the evaluated ones); None:
-    the model as loaded, in fp32."""
+    the model as loaded, in fp32. ``max_images``: a quick check on that many images, evenly spaced over the split."""
     from torch.utils.data import DataLoader
 
     from .data import ResumableSampler, collate_skipping
@@ -288,6 +288,8 @@ def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_siz
     if precision is not None:  # after the checks above: int8 calibration takes a while
         calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None
         evaluated = deploy_loaded(loaded, precision, calibration, batch_size=batch_size)
+    if max_images is not None:
+        dataset = dataset.spread(max_images)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping,
                         sampler=ResumableSampler(len(dataset), shuffle=False))
     metrics = evaluate(evaluated.model, loader, len(dataset.classes), torch.device("cpu"),

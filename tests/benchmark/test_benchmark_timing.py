@@ -21,6 +21,7 @@ from xception.benchmark import (
     run_interleaved,
 )
 from xception.benchmark import timing as timing_module
+from xception.hardware import probe
 from xception.summary import summarize
 from xception.training import step as step_module
 
@@ -66,8 +67,10 @@ def measured() -> Result:
 def test_measure_builds_the_configured_model(measured: Result) -> None:
     check_measured(measured)
     summary = summarize(tiny_model(), 71)
-    assert (measured.candidate, measured.layout, measured.mode, measured.precision) == ("xception", "contiguous",
-                                                                                     "inference", "fp32")
+    assert (measured.candidate, measured.layout, measured.mode) == ("xception", "contiguous", "inference")
+    # auto's choice for this machine, and where and why, in every row
+    assert (measured.precision, measured.precision_reason) == (CONFIG.precision, CONFIG.precision_reason)
+    assert CONFIG.precision_reason.startswith("auto: ") and measured.machine == probe().line()
     assert (measured.batch_size, measured.img_size, measured.compiled, measured.compile_s) == (2, (71, 71), False,
                                                                                               None)
     assert (measured.params, measured.macs) == (summary.total_params, summary.total_macs)

@@ -526,6 +526,20 @@ def test_subset_by_name_and_index_renumbers_and_keeps_names() -> None:
         dataset.subset([7])
 
 
+def test_spread_takes_evenly_spaced_samples_of_every_class(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):  # a folder lists its files class by class
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "val" / name / f"{i}.png")
+    dataset = ImageDataset.from_folder(tmp_path, "val", eval_transform(8, 1))
+    spread = dataset.spread(4)  # of 12: files 0, 4, 7, 11
+    assert spread.classes == dataset.classes and len(spread) == 4
+    assert [(path.parent.name, path.name) for path, _ in spread.source.files] == [
+        ("a", "0.png"), ("b", "0.png"), ("b", "3.png"), ("c", "3.png")]
+    assert spread.source.label_list() == [0, 1, 1, 2]
+    assert dataset.spread(12) is dataset and dataset.spread(50) is dataset
+
+
 def test_subset_of_a_folder(tmp_path: Path) -> None:
     for name in ("a", "b", "c"):
         (tmp_path / "train" / name).mkdir(parents=True)

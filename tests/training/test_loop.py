@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import skip_if_int8_kernels_simulated
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -104,6 +105,8 @@ def test_int8_agrees_with_fp32_on_real_images(trained_run, vnni: bool | None):
     activations agree on 95.9% of all and on 100% of the 372 confident ones; 8-bit activations, which saturate
     there, on 59.4% and 97.0%. benchmarks/int8_range.py records both on the trained default model."""
     pytest.importorskip("torchao")
+    if vnni is None:
+        skip_if_int8_kernels_simulated()
     output, _ = trained_run
     loaded = load_model(output)
     calibration = calibration_images(loaded, "fashion-mnist", 256)
@@ -132,13 +135,20 @@ def test_eval_command(trained_run, capsys):
 
 
 def test_eval_of_the_deployed_model_at_each_precision(trained_run, capsys):
+    # 2,000 of the 10,000 test images: bf16 without native support takes the slow kernels, and the bounds below
+    # are about the deployment, which the same images compare as well as all of them.
+    skip_if_int8_kernels_simulated()
     output, _ = trained_run
-    eager = evaluate_on(load_model(output), "fashion-mnist", batch_size=500, precision=None)[0]["top1"]
+    quick = 2000
+    eager = evaluate_on(load_model(output), "fashion-mnist", batch_size=500, precision=None, max_images=quick)[0]
+    assert eager["samples"] == quick and min(map(sum, eager["confusion"])) > 0  # spread over every class
     top1 = {}
     for precision in (None, "fp32", "bf16", "int8"):
         extra = [] if precision is None else ["--precision", precision]
-        assert main(["eval", "--checkpoint", str(output), "--json", "--batch-size", "500", *extra]) == 0
+        assert main(["eval", "--checkpoint", str(output), "--json", "--batch-size", "500", "--max-images",
+                     str(quick), *extra]) == 0
         top1[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"]
+    eager = eager["top1"]
     assert abs(top1["fp32"] - eager) <= 2e-4  # BN folding changes rounding only
     assert abs(top1["bf16"] - eager) <= 0.01
     assert abs(top1["int8"] - eager) <= 0.02
@@ -194,7 +204,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, accumulation: int):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, accumulation: int, free_port: str):
     """torchrun with 2 CPU processes of batch 16 against 1 process of 2 x 16 by gradient accumulation: the same
     samples per micro-batch (so the same BatchNorm statistics), the same averaged gradients. With accumulation in
     the processes too, their micro-steps skip the all-reduce (no_sync) and the last one averages everything."""
@@ -210,8 +220,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, accumulati
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(xception_train(*common, "--grad-accumulation", str(2 * accumulation), "--output", str(single)),
                    check=True, capture_output=True, env=one_thread)
-    port = str(29500 + os.getpid() % 1000)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
                     "-m", "xception", "train", *TINY_ARGS, *QUICK, *common, "--grad-accumulation", str(accumulation),
                     "--output", str(ddp)],
                    check=True, capture_output=True, env=one_thread)

@@ -203,7 +203,7 @@ def test_resume_after_sigkill_is_bit_identical(data: Path, tmp_path: Path) -> No
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(data: Path, tmp_path: Path) -> None:
+def test_two_processes_match_one_with_the_same_global_batch(data: Path, tmp_path: Path, free_port: str) -> None:
     """torchrun with 2 CPU processes of batch 4 against 1 process of 2 x 4 by gradient accumulation: the same
     weights, and the same validation mIoU from the confusion matrices all-reduced over the ranks' halves of the
     validation set. (No dropout: each rank draws its own masks.)"""
@@ -213,8 +213,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data: Path, tmp_path
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     subprocess.run([sys.executable, "-m", "xception", *command, "--grad-accumulation", "2", "--output", str(single)],
                    check=True, capture_output=True, env=ONE_THREAD)
-    port = str(29500 + (os.getpid() + 7) % 1000)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port,
                     "-m", "xception", *command, "--output", str(ddp)], check=True, capture_output=True, env=ONE_THREAD)
     expected, actual = load_file(str(single / "last.safetensors")), load_file(str(ddp / "last.safetensors"))
     trained = [name for name in expected if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]

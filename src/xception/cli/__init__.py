@@ -199,7 +199,7 @@ def command_eval(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
     metrics, classes = evaluate_on(loaded, args.data, args.split, batch_size=args.batch_size, workers=args.workers,
-                                   precision=args.precision)
+                                   precision=args.precision, max_images=args.max_images)
     if args.output:
         output = Path(args.output)
     elif args.checkpoint:
@@ -295,6 +295,8 @@ def add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", type=at_least(1), default=64)
     evaluate.add_argument("--workers", type=at_least(0), default=0)
+    evaluate.add_argument("--max-images", type=at_least(1), metavar="N",
+                          help="a quick check on N images spread evenly over the split (default: all of it)")
     evaluate.add_argument("--output", help="folder for the confusion matrix (default: the run folder, or "
                                            "runs/eval-MODEL-WEIGHTS)")
     evaluate.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
