@@ -49,10 +49,11 @@ from xception.cli import parse_options
 from xception.data import SampleKey, SegmentationDataset, SegmentationEvalTransform
 from xception.data.segmentation import SEGMENTATION_AUGMENTATIONS
 from xception.errors import InvalidArgumentError
-from xception.experiments.report import machine_description, today
+from xception.experiments.report import today
 from xception.files import save_figure, write_text_atomic
+from xception.hardware import probe
 from xception.inference_segmentation import TTA_SCALES, LoadedSegmenter, evaluate_segmenter, load_segmenter
-from xception.precision import choose_precision
+from xception.precision import AUTO, TRAINING_PRECISIONS, choose_precision
 from xception.training import TrainConfig, train
 from xception.training.config import bounded
 from xception.training.recipes import Recipe
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "--set input_scale=0.75 --set 'atrous_rates=(3, 6, 9)'; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", action="store_true", help="also evaluate with flip and multi-scale inference")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=(AUTO, *TRAINING_PRECISIONS), default=AUTO,
                         help="of the final evaluation (auto: the machine's fastest native precision)")
     parser.add_argument("--smoke", action="store_true", help="the same path on a few images in seconds: a test")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_segmenter(args.output)
     plain = evaluate(loaded, args, tta=False)
     result = {
-        "date": today(), "machine": machine_description(), "command": command, "smoke": args.smoke,
+        "date": today(), "machine": probe().line(), "command": command, "smoke": args.smoke,
         "data": str(args.data), "output": str(args.output), "recipe": asdict(recipe),
         "parameters": sum(p.numel() for p in loaded.model.parameters()), "max_minutes": args.max_minutes,
         "minutes": round(minutes, 2), "steps": trained["steps"], "epochs": trained["epochs"],

@@ -24,11 +24,6 @@ from xception.hardware import probe
 ROOT = Path(__file__).resolve().parent
 
 
-def machine() -> str:
-    """The probe's machine line: CPU model and instruction sets, cores and threads, GPUs, torch."""
-    return probe().line()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/bench-fashion-mnist")
@@ -46,7 +41,7 @@ def main() -> int:
     history = [json.loads(line) for line in (Path(args.output) / "metrics.jsonl").read_text().splitlines()]
     result = {"top1": metrics["top1"], "top5": metrics["top5"], "minutes": round(minutes, 2),
               "epochs": [round(r["val_top1"], 4) for r in history if "val_top1" in r],
-              "command": " ".join(command), "machine": machine(), "precision": config["precision"],
+              "command": " ".join(command), "machine": probe().line(), "precision": config["precision"],
               "schedule_plan": config.get("schedule_plan"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     write_text_atomic(args.results, json.dumps(result, indent=2) + "\n")
     print(f"Fashion-MNIST test top-1 {result['top1']:.4f} in {minutes:.1f} minutes ({result['machine']})")

@@ -22,8 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
-from xception.experiments.report import machine_description, today
+from xception.experiments.report import today
 from xception.files import write_text_atomic
+from xception.hardware import probe
 from xception.training import TrainConfig, train
 
 NEW_CLASSES = "5,6,7,8,9"
@@ -79,7 +80,7 @@ def main() -> None:
     pretrain_minutes = (time.monotonic() - started) / 60
     runs = [run(method, seed, pretrained, args.output) for seed in range(args.seeds) for method in METHODS]
     rows = summary(runs)
-    result = {"date": today(), "machine": machine_description(),
+    result = {"date": today(), "machine": probe().line(),
               "command": "python benchmarks/finetune.py", "pretrain_minutes": pretrain_minutes,
               "runs_minutes": sum(r["minutes"] for r in runs), "summary": rows, "runs": runs}
     path = Path(__file__).parent / "results" / "finetune.json"

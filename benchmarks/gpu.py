@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fashion_mnist import machine
 from gpu_report import BUDGET_S, SECTIONS, replace_section, section_lines
 
 import xception
 from xception.benchmark import BenchmarkConfig, Candidate, Result, machine_limits, run_interleaved
 from xception.benchmark.timing import count_params_and_macs, module_candidate
 from xception.files import write_text_atomic
+from xception.hardware import probe
 from xception.precision import autocast
 
 ROOT = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ class Budget:
 
 
 def device_description(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"host": machine(), "python": platform.python_version(), "torch": torch.__version__,
+    info: dict[str, Any] = {"host": probe().line(), "python": platform.python_version(), "torch": torch.__version__,
                             "xception": xception.__version__}
     with suppress(ImportError):
         import timm

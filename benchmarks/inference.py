@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fashion_mnist import machine
 from gpu_report import section_from_results
 from profile_inference import report as int8_profile
 from profile_training import report as training_profile
@@ -238,7 +237,7 @@ def main() -> int:
         "# Benchmarks",
         "",
         *other_machines(args.page),
-        f"Machine: {machine()}. Date: {date}. Regenerate everything on this page with "
+        f"Machine: {probe().line()}. Date: {date}. Regenerate everything on this page with "
         f"`{shlex.join(['python', 'benchmarks/inference.py', *sys.argv[1:]])}` (it runs the commands below one after "
         "the other; the machine should be otherwise idle). Precisions this machine does not run natively are left "
         "out (`xception env` lists the native ones).",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import list_models
+from ..precision import AUTO, TRAINING_PRECISIONS
 from .results import report_file_results
 
 
@@ -103,5 +104,5 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="flip and multi-scale inference (DeepLab's): the softmax averaged over scales 0.5, 0.75, "
                              "1, 1.25, 1.5 and 1.75 and their mirror images")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=(AUTO, *TRAINING_PRECISIONS), default=AUTO,
                         help="autocast precision (auto: bf16 where the CPU runs it natively, else fp32)")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..files import save_figure, write_text_atomic
-from ..hardware import probe
 from ..training.recipes import get_recipe
 from .definitions import EXPERIMENT_NAMES, EXPERIMENTS, FULL, RECIPE, plural
 from .verdicts import SCORE_NAMES, ExperimentResult, percent
@@ -20,12 +19,6 @@ from .verdicts import SCORE_NAMES, ExperimentResult, percent
 
 def today() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d")
-
-
-def machine_description() -> str:
-    """The machine line of every record (:meth:`xception.hardware.Hardware.line`): CPU model and instruction sets,
-    cores and torch's threads, GPUs, torch."""
-    return probe().line()
 
 
 # --- outputs ---------------------------------------------------------------------------------------

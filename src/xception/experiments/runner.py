@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..files import write_text_atomic
+from ..hardware import probe
 from ..training import TrainConfig, train
 from ..training.recipes import get_recipe
 from .definitions import (
@@ -31,7 +32,7 @@ from .definitions import (
     model_options,
     parameter_count,
 )
-from .report import machine_description, today, write_outputs
+from .report import today, write_outputs
 from .segmentation import SegmentationSettings
 from .verdicts import SCORE_NAMES, ExperimentResult, RunResult, VariantResult, judge_experiment
 
@@ -80,7 +81,7 @@ def _run_experiment(name: str, settings: ExperimentSettings | SegmentationSettin
     result = ExperimentResult(
         name=name, title=experiment.title, paper=experiment.paper, claim=experiment.claim, settings=asdict(settings),
         data=asdict(info), variants=variants, verdict=verdict, full_size=full_size,
-        machine="; ".join(sorted({run.machine for run in runs if run.machine})) or machine_description(),
+        machine="; ".join(sorted({run.machine for run in runs if run.machine})) or probe().line(),
         date=max((run.date for run in runs if run.date), default=today()),
         command=command)
     write_outputs(result, output / name)
@@ -132,7 +133,7 @@ def _train_variant(variant: Variant, seed: int, settings: ExperimentSettings | S
         steps_per_s=None if resumed else round(result["steps"] / seconds, 3),
         curve=[[r["step"], r[f"val_{score}"]] for r in history],
         loss=[[record["step"], record["train_loss"]] for record in result["steps_log"]],
-        date=today(), machine=machine_description())
+        date=today(), machine=probe().line())
     if result["stopped"] == "finished":
         write_text_atomic(record, json.dumps(asdict(run), indent=2))
     if report:
