@@ -24,6 +24,7 @@ from xception.training.checkpoint import (
     CheckpointError,
     TrainingState,
     capture_rng_state,
+    finish_interrupted_save,
     flatten_state,
     load_checkpoint,
     read_architecture,
@@ -398,10 +399,40 @@ def test_crash_between_the_renames_is_detected(tmp_path, monkeypatch):
     leftover = next(tmp_path.glob("last.safetensors.tmp-*"))
     assert str(leftover) in str(error.value)
     assert read_architecture(tmp_path) == ("tinynet", ARCHITECTURE)  # the weights file alone stays usable
-    os.replace(leftover, tmp_path / "last.safetensors")
+    assert finish_interrupted_save(tmp_path)  # what a resumed run does first: the rename the crash missed
+    assert not leftover.exists() and not finish_interrupted_save(tmp_path)  # done once; a good pair is left alone
     state = load_checkpoint(tmp_path)
     assert state.step == 2
     assert all(torch.equal(state.model[k], v) for k, v in run.model.state_dict().items())
+
+
+def test_a_first_save_killed_between_the_renames_is_finished(tmp_path, monkeypatch):
+    seed_everything(0)
+    run = make_run("sgd")
+    real_replace = os.replace
+
+    def crash_on_weights(source, destination):
+        if Path(destination).name == "last.safetensors":
+            raise OSError(5, "simulated crash")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", crash_on_weights)
+    with pytest.raises(CheckpointError, match="half written"):
+        save(run, tmp_path, step=1)
+    monkeypatch.undo()
+    assert not (tmp_path / "last.safetensors").exists()
+    assert finish_interrupted_save(tmp_path) and load_checkpoint(tmp_path).step == 1
+
+
+def test_finishing_leaves_anything_else_to_load_checkpoint(tmp_path):
+    assert not finish_interrupted_save(tmp_path)  # no checkpoint at all
+    run, _ = good_checkpoint(tmp_path)
+    old_state = (tmp_path / "last.state.safetensors").read_bytes()
+    save(run, tmp_path, step=2)
+    (tmp_path / "last.state.safetensors").write_bytes(old_state)  # a stale state file: no rename can fix it
+    assert not finish_interrupted_save(tmp_path)
+    with pytest.raises(CheckpointError, match="stale"):
+        load_checkpoint(tmp_path)
 
 
 def test_stale_state_file_is_named(tmp_path):

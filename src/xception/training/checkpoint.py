@@ -24,7 +24,8 @@ weights file goes last because it is the one read on its own (evaluation, ``crea
 always holds the last fully written checkpoint's weights. A failure before the first rename leaves the previous
 checkpoint untouched, and no temporary file behind. A crash between the two renames leaves a new state file next
 to the previous weights file: the ids differ, and :func:`load_checkpoint` refuses the pair and names the stale
-file (and the complete new weights file left under its temporary name, which finishes the save when renamed).
+file (and the complete new weights file left under its temporary name, which finishes the save when renamed:
+:func:`finish_interrupted_save` does that, and a resumed run calls it first).
 """
 
 from __future__ import annotations
@@ -329,6 +330,26 @@ def check_same_checkpoint(weights_path: Path, weights_metadata: dict[str, str], 
         f"interrupted between replacing {state_path.name} and {weights_path.name}, or the files were copied "
         f"separately{finish}. Refusing to resume from a mismatched pair"
     )
+
+
+def finish_interrupted_save(directory: str | Path, name: str = "last") -> bool:
+    """Finish a save that was killed between its two renames: the state file is the new one, and the new weights
+    file, complete and synced before the state file was renamed, still waits under its temporary name with the
+    state's checkpoint id. Renames it into place and returns True; False (and nothing changed) in any other case, so
+    :func:`load_checkpoint` reports whatever else is wrong. Safe to call from several processes at once."""
+    weights_path, state_path = checkpoint_paths(directory, name)
+    state_id = header_id(state_path) if state_path.is_file() else None
+    if state_id is None or (weights_path.is_file() and header_id(weights_path) == state_id):
+        return False
+    for leftover in sorted(weights_path.parent.glob(f"{weights_path.name}{TEMP_INFIX}*")):
+        if header_id(leftover) == state_id:
+            try:
+                os.replace(leftover, weights_path)
+            except FileNotFoundError:  # another process (a DDP rank) finished it first
+                return header_id(weights_path) == state_id
+            sync_folder(weights_path.parent)
+            return True
+    return False
 
 
 def header_id(path: Path) -> str | None:

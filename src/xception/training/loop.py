@@ -44,6 +44,7 @@ from .budget import BudgetPlanner, Schedule, SchedulePlan, time_evaluation
 from .checkpoint import (
     TrainingState,
     capture_rng_state,
+    finish_interrupted_save,
     load_checkpoint,
     read_architecture,
     restore_rng_state,
@@ -185,6 +186,9 @@ def save_run(name: str, run: RunState, trainer: Trainer, config: TrainConfig,
 
 def resume_run(trainer: Trainer, config: TrainConfig, num_classes: int) -> RunState:
     """The state of the run in ``config.output`` (the trainer loaded with it), or a fresh one."""
+    if config.resume and finish_interrupted_save(config.output, "last"):
+        log.info("finished the last checkpoint's save in %s, which was interrupted between its two files",
+                 config.output)
     if not (config.output / "last.safetensors").exists():
         if config.resume:
             log.info("nothing to resume in %s: starting afresh", config.output)
