@@ -320,10 +320,9 @@ def check_same_checkpoint(weights_path: Path, weights_metadata: dict[str, str], 
 
     # The state file is replaced first, so after an interrupted save the weights file is the older one.
     stale = state_path if order(state_metadata) < order(weights_metadata) else weights_path
-    leftovers = [path for path in sorted(weights_path.parent.glob(f"*{TEMP_INFIX}*"))
-                 if path.name.startswith(weights_path.name + TEMP_INFIX) and header_id(path) == state_id]
-    finish = (f"; the complete new weights file is {leftovers[0]}: renaming it to {weights_path.name} finishes the "
-              "interrupted save" if leftovers and stale == weights_path else "")
+    leftover = new_weights_leftover(weights_path, state_id)
+    finish = (f"; the complete new weights file is {leftover}: renaming it to {weights_path.name} finishes the "
+              "interrupted save" if leftover is not None and stale == weights_path else "")
     raise CheckpointError(
         f"the checkpoint files do not belong together: {stale} is stale. {weights_path.name} is from "
         f"{describe(weights_metadata)}; {state_path.name} is from {describe(state_metadata)}. A save was "
@@ -341,15 +340,21 @@ def finish_interrupted_save(directory: str | Path, name: str = "last") -> bool:
     state_id = header_id(state_path) if state_path.is_file() else None
     if state_id is None or (weights_path.is_file() and header_id(weights_path) == state_id):
         return False
-    for leftover in sorted(weights_path.parent.glob(f"{weights_path.name}{TEMP_INFIX}*")):
-        if header_id(leftover) == state_id:
-            try:
-                os.replace(leftover, weights_path)
-            except FileNotFoundError:  # another process (a DDP rank) finished it first
-                return header_id(weights_path) == state_id
-            sync_folder(weights_path.parent)
-            return True
-    return False
+    leftover = new_weights_leftover(weights_path, state_id)
+    if leftover is None:
+        return False
+    try:
+        os.replace(leftover, weights_path)
+    except FileNotFoundError:  # another process (a DDP rank) finished it first
+        return header_id(weights_path) == state_id
+    sync_folder(weights_path.parent)
+    return True
+
+
+def new_weights_leftover(weights_path: Path, state_id: str) -> Path | None:
+    """The complete weights file an interrupted save left under its temporary name, with the state's id."""
+    return next((path for path in sorted(weights_path.parent.glob(f"{weights_path.name}{TEMP_INFIX}*"))
+                 if header_id(path) == state_id), None)
 
 
 def header_id(path: Path) -> str | None:
