@@ -176,7 +176,7 @@ def test_int8_quantizes_every_convolution_of_the_family(name: str, options: dict
     """The quantized graph (before compilation) of an aligned model and of a dilated Xception: every convolution
     takes int8 weights."""
     pytest.importorskip("torchao")
-    from xception.deploy import _quantize_int8
+    from xception.deploy.torch_path import _quantize_int8
 
     model = fold_batchnorm(create_model(name, **options).eval())
     x = torch.rand(1, 3, 72, 72) * 2 - 1  # Xception's smallest input is 71x71; an even size for the pools

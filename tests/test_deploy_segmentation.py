@@ -68,7 +68,7 @@ def test_int8_deploy_of_a_segmentation_model(one_thread) -> None:
     deployed = optimize_for_inference(model, "int8", images, example_input=images[:2])
     with torch.no_grad():
         assert relative_error(deployed(images[:3]), model(images[:3])) <= 0.15
-    with pytest.raises(InvalidArgumentError, match="exported for 66x66 images, got 65x97"):
+    with pytest.raises(InvalidArgumentError, match="made for 66x66 images, got 65x97"):
         deployed(torch.rand(1, 3, 65, 97))
 
 
@@ -76,7 +76,7 @@ def test_a_fixed_size_deployed_model_refuses_other_sizes_clearly() -> None:
     deployed = DeployedModel(nn.Identity(), precision="fp32", channels_last=False, num_classes=None, in_chans=3,
                              report={}, input_size=(SIZE, SIZE))
     assert deployed(torch.ones(1, 3, SIZE, SIZE)).shape == (1, 3, SIZE, SIZE)
-    with pytest.raises(InvalidArgumentError, match="exported for 66x66 images, got 65x97: deploy it again"):
+    with pytest.raises(InvalidArgumentError, match="made for 66x66 images, got 65x97: deploy it again"):
         deployed(torch.ones(1, 3, 65, 97))
 
 

@@ -98,6 +98,42 @@ def test_predict_writes_a_mask_and_an_overlay_per_image(run, tmp_path: Path, cap
     assert not list((tmp_path / "out").glob("*.tmp"))  # written atomically, nothing left behind
 
 
+def test_deploy_a_segmentation_run_and_predict_with_it(run, tmp_path: Path, capsys) -> None:
+    """xception deploy judges a segmentation model by its mIoU on the val labels against fp32's (ONNX and OpenVINO
+    keep the height and width dynamic); segment predict --deployed then draws the same masks as the run, at a size
+    it was not deployed at too."""
+    data, output = run
+    deployed = tmp_path / "deployed"
+    assert main(["deploy", "--checkpoint", str(output), "--calibration", str(data), "--batch-size", "2",
+                 "--candidates", "onnxruntime fp32,onnxruntime int8,openvino fp32", "--repeats", "1",
+                 "--output", str(deployed), "--json"]) == 0
+    rows = {row["candidate"]: row for row in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["candidates"]}
+    for name in ("onnxruntime fp32", "openvino fp32"):
+        assert rows[name]["status"] in ("chosen", "accepted")
+        assert rows[name]["miou"] == pytest.approx(rows[name]["reference_miou"], abs=1e-6)
+    assert rows["onnxruntime int8"]["status"] in ("chosen", "accepted", "rejected")  # judged by mIoU, either way
+    assert "miou" in rows["onnxruntime int8"] and 0 <= rows["onnxruntime int8"]["agreement"] <= 1
+    record = json.loads((deployed / "deploy.json").read_text())
+    assert record["task"] == "segmentation" and record["classes"] == list(CLASSES)
+    assert record["artifact"]["input_size"] is None  # any height and width
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "val000.png").write_bytes((data / "val" / "images" / "val000.png").read_bytes())
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(images / "odd.png")
+    masks = {}
+    for source in (["--checkpoint", str(output)], ["--deployed", str(deployed)]):
+        assert main(["segment", "predict", *source, str(images), "--output", str(tmp_path / source[0]),
+                     "--precision", "fp32", "--json"]) == 0
+        results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        masks[source[0]] = [np.asarray(Image.open(result["mask"])) for result in results]
+    if record["artifact"]["precision"] == "fp32":
+        for before, after in zip(masks["--checkpoint"], masks["--deployed"], strict=True):
+            assert (before == after).mean() > 0.999
+    assert main(["segment", "predict", str(images), "--output", str(tmp_path / "x")]) == 2
+    assert "give either --checkpoint RUN or --deployed DIR" in capsys.readouterr().err
+
+
 def test_palettes() -> None:
     """CamVid's colours by name where the classes are CamVid's; otherwise PASCAL VOC's colour map, whose first
     entries are black, dark red, dark green, olive, navy (the VOC devkit's labelcolormap)."""

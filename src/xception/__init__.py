@@ -39,6 +39,8 @@ _EXPORTS = {
     "export_onnx": "deploy",
     "fold_batchnorm": "deploy",
     "optimize_for_inference": "deploy",
+    "load_deployed": "deploy",
+    "choose_deployment": "benchmark.selection",
 }
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "XceptionBase",
     "XceptionConfig",
     "XceptionError",
+    "choose_deployment",
     "create_model",
     "export_onnx",
     "fold_batchnorm",
@@ -62,6 +65,7 @@ __all__ = [
     "get_weights",
     "list_models",
     "list_weights",
+    "load_deployed",
     "load_weights",
     "optimize_for_inference",
     "push_to_hub",
@@ -79,7 +83,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .deploy import export_onnx, fold_batchnorm, optimize_for_inference
+    from .benchmark.selection import choose_deployment
+    from .deploy import export_onnx, fold_batchnorm, load_deployed, optimize_for_inference
     from .errors import WeightFileError, XceptionError
     from .hub import from_pretrained, push_to_hub, save_pretrained
     from .layers import Conv2dSame, MaxPool2dSame, SeparableConv2d, SpectrumConv2d, tf_same_padding

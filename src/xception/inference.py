@@ -24,7 +24,8 @@ from .data import (
     eval_transform,
     load_fashion_mnist,
 )
-from .data.transforms import ImageError, open_image
+from .data.transforms import ImageError, open_image, transform_from_preprocessing
+from .deploy import Deployment
 from .errors import InvalidArgumentError
 from .files import atomic_path, save_figure
 from .models import create_model
@@ -100,7 +101,7 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     ratio = recipe.get("eval_resize_ratio", 1.0)
     resize: int | list[int] = [img_size, img_size] if ratio == 1.0 else round(img_size * ratio)
     description = {"resize_size": resize, "crop_size": img_size, "interpolation": "bilinear",
-                   "mean": [0.5] * model.in_chans, "std": [0.5] * model.in_chans}
+                   "mean": [0.5] * model.in_chans, "std": [0.5] * model.in_chans, "eval_resize_ratio": ratio}
     return LoadedModel(model, classes, model.in_chans, img_size, eval_transform(img_size, model.in_chans, ratio),
                        description)
 
@@ -260,17 +261,8 @@ def load_model(checkpoint: str | Path | None = None, model: str = "xception",
     return load_trained(checkpoint) if checkpoint is not None else load_registered(model, weights)
 
 
-def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_size: int = 64, workers: int = 0,
-                precision: str | None = "auto", max_images: int | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Top-1/top-5, loss, per-class accuracy and the confusion matrix of ``loaded`` on ``split`` of ``data``,
-    preprocessed with the model's own transform; and the data's class names. ``precision``: evaluate the model
-    deployed by :func:`xception.optimize_for_inference` at this precision (``auto``: the machine's fastest native
-    one, the model as loaded where that is fp32; int8 calibrated on training images, never the evaluated ones); None:
-    the model as loaded, in fp32. ``max_images``: a quick check on that many images, evenly spaced over the split."""
-    from torch.utils.data import DataLoader
-
-    from .data import ResumableSampler, collate_skipping
-
+def checked_dataset(loaded: LoadedModel, data: str, split: str) -> ImageDataset:
+    """:func:`dataset_for`, checked to have ``loaded``'s classes (the subset of them a run trained on)."""
     dataset = dataset_for(loaded, data, split)
     if not loaded.registered and len(loaded.classes) < len(dataset.classes) and set(loaded.classes) <= set(
             dataset.classes):
@@ -284,6 +276,43 @@ def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_siz
     if not loaded.registered and dataset.classes != loaded.classes and loaded.classes != generic:
         raise InvalidArgumentError(f"the data's classes {dataset.classes[:5]}... differ from the model's "
                                    f"{loaded.classes[:5]}...")
+    return dataset
+
+
+def deploy_inputs(loaded: LoadedModel, data: str, calibration_count: int,
+                  held_out_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``xception deploy`` measures a classifier on: ``calibration_count`` training images of ``data`` (int8
+    calibrates on them), and ``held_out_count`` validation images, evenly spaced, with their labels (agreement with
+    fp32 is measured on them); all preprocessed as for evaluation."""
+    calibration = calibration_images(loaded, data, calibration_count)
+    dataset = checked_dataset(loaded, data, "val").spread(held_out_count)
+    samples = [sample for sample in (dataset[SampleKey(0, i)] for i in range(len(dataset))) if sample is not None]
+    if not samples:
+        raise InvalidArgumentError(f"{data} has no readable validation images to check the deployment on")
+    return calibration, torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
+
+
+def loaded_from_deployment(deployment: Deployment) -> LoadedModel:
+    """A deployed classifier (:func:`xception.load_deployed`) with the preprocessing and class names it records."""
+    preprocessing = deployment.preprocessing or {}
+    model = deployment.model
+    return LoadedModel(model, deployment.classes, model.in_chans, preprocessing["crop_size"],
+                       transform_from_preprocessing(preprocessing), preprocessing,
+                       registered=deployment.record.get("registered", False))
+
+
+def evaluate_on(loaded: LoadedModel, data: str, split: str = "val", *, batch_size: int = 64, workers: int = 0,
+                precision: str | None = "auto", max_images: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Top-1/top-5, loss, per-class accuracy and the confusion matrix of ``loaded`` on ``split`` of ``data``,
+    preprocessed with the model's own transform; and the data's class names. ``precision``: evaluate the model
+    deployed by :func:`xception.optimize_for_inference` at this precision (``auto``: the machine's fastest native
+    one, the model as loaded where that is fp32; int8 calibrated on training images, never the evaluated ones); None:
+    the model as loaded, in fp32. ``max_images``: a quick check on that many images, evenly spaced over the split."""
+    from torch.utils.data import DataLoader
+
+    from .data import ResumableSampler, collate_skipping
+
+    dataset = checked_dataset(loaded, data, split)
     evaluated = loaded
     if precision is not None:  # after the checks above: int8 calibration takes a while
         calibration = calibration_images(loaded, data, CALIBRATION_IMAGES) if precision == "int8" else None

@@ -20,8 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from .data import IGNORE_INDEX, ResumableSampler, SegmentationCollate, SegmentationDataset, SegmentationEvalTransform
+from .data import (
+    IGNORE_INDEX,
+    ResumableSampler,
+    SampleKey,
+    SegmentationCollate,
+    SegmentationDataset,
+    SegmentationEvalTransform,
+)
 from .data.transforms import ImageError, open_image
+from .deploy import Deployment
 from .errors import InvalidArgumentError
 from .files import atomic_path
 from .inference import image_files, plot_confusion, run_files, unique_stem
@@ -95,6 +103,35 @@ def load_segmenter(checkpoint: str | Path) -> LoadedSegmenter:
     model = create_model(model_name, weights=weights, **architecture).eval().to(memory_format=torch.channels_last)
     classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
     return LoadedSegmenter(model, classes, config.get("ignore_index", IGNORE_INDEX))
+
+
+def segmentation_deploy_inputs(loaded: LoadedSegmenter, data: str | Path, calibration_count: int,
+                                held_out_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``xception deploy`` measures a segmentation model on, at full resolution: the first
+    ``calibration_count`` training images of the segmentation folder ``data`` (int8 calibrates on them), and
+    ``held_out_count`` validation images, evenly spaced, with their label maps (the mIoU is compared on them)."""
+    def images(split: str, count: int, spread: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        dataset = SegmentationDataset.from_folder(data, split, SegmentationEvalTransform(),
+                                                  ignore_index=loaded.ignore_index)
+        chosen = (torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().tolist() if spread
+                  else range(min(count, len(dataset))))
+        samples = [dataset[SampleKey(0, i)] for i in chosen]
+        return [sample for sample in samples if sample is not None]
+
+    calibration, held_out = images("train", calibration_count, False), images("val", held_out_count, True)
+    sizes = {tuple(image.shape[-2:]) for image, _ in calibration + held_out}
+    if len(sizes) != 1:
+        raise InvalidArgumentError(f"the images of {data} come in {len(sizes)} sizes ({sorted(sizes)[:3]}...): "
+                                   "deploy measures one size; give a folder of images of the size you will run")
+    if not calibration or not held_out:
+        raise InvalidArgumentError(f"{data} needs readable train and val images to deploy with")
+    return (torch.stack([image for image, _ in calibration]), torch.stack([image for image, _ in held_out]),
+            torch.stack([mask.long() for _, mask in held_out]))
+
+
+def segmenter_from_deployment(deployment: Deployment) -> LoadedSegmenter:
+    """A deployed segmentation model (:func:`xception.load_deployed`) with the classes it records."""
+    return LoadedSegmenter(deployment.model, deployment.classes, deployment.record.get("ignore_index", IGNORE_INDEX))
 
 
 def evaluate_segmenter(loaded: LoadedSegmenter, data: str | Path, split: str = "val", *, batch_size: int = 4,

@@ -64,6 +64,24 @@ def test_compare_inception_v3_for_table_3() -> None:
     assert inception.ratio_vs_timm is None
 
 
+def test_compare_other_runtimes_a_row_per_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime and OpenVINO, as xception deploy builds them, each precision a row of its own; a runtime that
+    is not installed is one skipped row that says why."""
+    from xception.deploy import runtimes
+
+    real_find_spec = runtimes.importlib.util.find_spec
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec",
+                        lambda name: None if name == "openvino" else real_find_spec(name))
+    config = dataclasses.replace(CONFIG, batch_size=2, warmup=1, repeats=1, iterations=1)
+    ours, fp32, int8, openvino = compare(config, peers=("onnxruntime", "openvino"))
+    assert [(r.candidate, r.precision) for r in (fp32, int8)] == [("onnxruntime fp32", "fp32"),
+                                                                  ("onnxruntime int8", "int8")]
+    for result in (ours, fp32, int8):
+        check_measured(result)
+    assert fp32.params == ours.params and fp32.ratio_vs_ours == pytest.approx(fp32.images_per_s / ours.images_per_s)
+    assert openvino.candidate == "openvino" and "openvino not installed" in openvino.skipped
+
+
 def test_a_missing_peer_is_skipped_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
     ours, timm = compare(dataclasses.replace(CONFIG, warmup=0, repeats=1, iterations=1), peers=("timm",))

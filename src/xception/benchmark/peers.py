@@ -1,12 +1,15 @@
 """Ours against other implementations of the same network, timed interleaved in one process.
 
-The peers are optional: one that is not installed, or cannot run in this configuration, comes back from
-:func:`compare` as a :class:`~.timing.Result` with ``skipped`` set to the reason.
+The peers are other implementations (timm, Keras, torchvision's Inception V3 for the paper's Table 3) and other
+runtimes of the same network (ONNX Runtime, OpenVINO: a row per precision). They are optional: one that is not
+installed, or cannot run in this configuration, comes back from :func:`compare` as a :class:`~.timing.Result` with
+``skipped`` set to the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -91,10 +94,39 @@ def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
     return [module_candidate("torchvision inception_v3", model, config, img_size=INCEPTION_SIZE)]
 
 
+def _runtime_candidates(runtime: str) -> Callable[[BenchmarkConfig], list[Candidate]]:
+    """The same network run by another runtime (``onnxruntime``, ``openvino``), as ``xception deploy`` builds it,
+    at each precision this machine runs natively; int8 calibrated on random images, as ours is here (the speed does
+    not depend on the activation ranges; agreement on real images is ``xception deploy``'s record)."""
+
+    def candidates(config: BenchmarkConfig) -> list[Candidate]:
+        from ..deploy import CANDIDATES
+
+        if config.mode != "inference" or config.device != "cpu":
+            raise PeerUnavailable(f"{runtime} is timed in inference mode on the CPU only")
+        chosen = [c for c in CANDIDATES if c.runtime == runtime]
+        reasons = {c.name: c.unavailable() for c in chosen}
+        if all(reasons.values()):
+            raise PeerUnavailable("; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
+        model = create_model(config.model, **config.model_options).eval()
+        height, width = config.img_size
+        in_chans = getattr(model, "in_chans", 3)
+        x = torch.randn(config.batch_size, in_chans, height, width)
+        calibration = [torch.randn_like(x) for _ in range(4)]
+        params, macs = count_params_and_macs(model, (height, width), in_chans)
+        built = [(c, c.build(model, c.precision, x, calibration)) for c in chosen if reasons[c.name] is None]
+        return [Candidate(c.name, "NCHW", lambda runner=runner: runner(x), (height, width), params=params, macs=macs,
+                          precision=c.precision) for c, runner in built]
+
+    return candidates
+
+
 PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
     "timm": _timm_candidates,
     "keras": _keras_candidates,
     "inception_v3": _inception_candidates,
+    "onnxruntime": _runtime_candidates("onnxruntime"),
+    "openvino": _runtime_candidates("openvino"),
 }
 
 
@@ -143,9 +175,12 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
         groups.insert(0, [module_candidate(config.model, model, config)])
         for peer in peers:
             try:
-                groups.append(PEERS[peer](config))
+                candidates = PEERS[peer](config)
             except PeerUnavailable as reason:
                 groups.append(_skipped_result(peer, config, str(reason)))
+                continue
+            # Candidates of one name are one model in several layouts (timm's); other names are rows of their own.
+            groups += [list(group) for _, group in itertools.groupby(candidates, key=lambda c: c.name)]
         measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
     results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
     return [with_peak_fraction(result, limits, config) for result in _with_ratios(results)]

@@ -1,5 +1,5 @@
-"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, benchmark, experiment,
-env."""
+"""The ``xception`` command line: train, eval, predict, summary, models, convert, export, deploy, benchmark,
+experiment, env."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..errors import InvalidArgumentError, XceptionError
 from ..files import write_text_atomic
 from ..models import list_models
 from ..precision import AUTO, DEPLOY_PRECISIONS, TRAINING_PRECISIONS
+from .deploy import add_deploy_command
 from .env import add_env_command
 from .results import report_file_results
 from .segment import add_segment_command
@@ -226,12 +227,27 @@ def command_eval(args: argparse.Namespace) -> int:
 
 def command_predict(args: argparse.Namespace) -> int:
     """Top-k classes per image; exit code 1 when some files could not be read (the rest are still predicted)."""
-    from ..inference import CALIBRATION_IMAGES, deploy_loaded, load_images, load_model, predict
+    from ..inference import (
+        CALIBRATION_IMAGES,
+        deploy_loaded,
+        load_images,
+        load_model,
+        loaded_from_deployment,
+        predict,
+    )
 
-    loaded = load_model(args.checkpoint, args.model, args.weights)
-    calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
-    batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
-    loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
+    if args.deployed is not None:
+        if args.checkpoint or args.weights:
+            raise InvalidArgumentError("--deployed runs the model of a deploy folder: leave out --checkpoint and "
+                                       "--weights")
+        from ..deploy import load_deployed
+
+        loaded = loaded_from_deployment(load_deployed(args.deployed))
+    else:
+        loaded = load_model(args.checkpoint, args.model, args.weights)
+        calibration = load_images(loaded, args.inputs, CALIBRATION_IMAGES) if args.precision == "int8" else None
+        batch = 1 if calibration is None else min(len(calibration), PREDICT_BATCH)
+        loaded = deploy_loaded(loaded, args.precision, calibration, batch_size=batch)
     results = predict(loaded, args.inputs, top_k=args.top_k, batch_size=PREDICT_BATCH)
     return report_file_results(results, args.inputs, as_json=args.json, describe=lambda result: ", ".join(
         f"{p['class']} {p['probability']:.3f}" for p in result["predictions"]))
@@ -312,6 +328,8 @@ def add_predict_command(commands: Any) -> None:
     pred.add_argument("--checkpoint", help="a run folder or a weights file")
     pred.add_argument("--weights", help="registered weights, e.g. imagenet")
     pred.add_argument("--model", default="xception", choices=list_models("classification"), help="model of --weights")
+    pred.add_argument("--deployed", type=Path, metavar="DIR", help="a folder written by xception deploy: its model, "
+                      "in its runtime, with the preprocessing and class names it records")
     pred.add_argument("--top-k", type=at_least(1), default=5)
     pred.add_argument("--json", action="store_true", help="one JSON object per file")
     pred.add_argument("--precision", choices=(AUTO, *DEPLOY_PRECISIONS), default=AUTO,
@@ -342,7 +360,8 @@ def add_benchmark_command(commands: Any) -> None:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads")
     bench.add_argument("--compare", action="store_true", help="also measure the peers, interleaved with ours")
-    bench.add_argument("--peers", default="timm,keras,inception_v3", help="comma-separated peers for --compare")
+    bench.add_argument("--peers", default="timm,keras,inception_v3",
+                       help="comma-separated peers for --compare: timm, keras, inception_v3, onnxruntime, openvino")
     bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report %% of peak")
     bench.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
     bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
@@ -433,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_command(commands)
     add_benchmark_command(commands)
     add_export_command(commands)
+    add_deploy_command(commands, list_models("classification"))
     add_convert_command(commands)
     add_experiment_command(commands)
     add_segment_command(commands)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from ..models import list_models
 from ..precision import AUTO, TRAINING_PRECISIONS
 from .results import report_file_results
@@ -61,8 +62,16 @@ def command_predict(args: argparse.Namespace) -> int:
     """A colour-coded mask and an overlay per image; exit code 1 when some files could not be read."""
     from ..inference_segmentation import load_segmenter, predict_masks
 
-    results = predict_masks(load_segmenter(args.checkpoint), args.inputs, args.output, tta=args.tta,
-                            precision=args.precision)
+    if (args.checkpoint is None) == (args.deployed is None):
+        raise InvalidArgumentError("give either --checkpoint RUN or --deployed DIR (a folder xception deploy wrote)")
+    if args.deployed is not None:
+        from ..deploy import load_deployed
+        from ..inference_segmentation import segmenter_from_deployment
+
+        loaded = segmenter_from_deployment(load_deployed(args.deployed))
+    else:
+        loaded = load_segmenter(args.checkpoint)
+    results = predict_masks(loaded, args.inputs, args.output, tta=args.tta, precision=args.precision)
     return report_file_results(results, args.inputs, as_json=args.json,
                                describe=lambda result: f"{result['mask']}, {result['overlay']}")
 
@@ -90,7 +99,9 @@ def add_segment_command(commands: Any) -> None:
 
     predict = actions.add_parser("predict", help="colour-coded label maps and overlays of images")
     predict.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or folders of images")
-    predict.add_argument("--checkpoint", required=True, help="a segmentation run folder or weights file")
+    predict.add_argument("--checkpoint", help="a segmentation run folder or weights file")
+    predict.add_argument("--deployed", type=Path, metavar="DIR", help="a folder written by xception deploy, run in "
+                         "its runtime (instead of --checkpoint)")
     predict.add_argument("--output", type=Path, required=True,
                          help="folder for IMAGE.mask.png (colour-coded classes) and IMAGE.overlay.png")
     predict.add_argument("--json", action="store_true", help="one JSON object per file")

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,3 +261,16 @@ def eval_transform(img_size: int, in_chans: int, resize_ratio: float = 1.0) -> T
     else:
         resize = _ResizeCrop(round(img_size * resize_ratio), img_size)
     return v2.Compose([_ToImageTensor(in_chans), resize, _Normalize()])
+
+
+def transform_from_preprocessing(settings: dict[str, Any]) -> Transform:
+    """The evaluation transform a preprocessing record describes (a save_pretrained config's, a deploy.json's).
+
+    Registered weights' preprocessing (resize the shorter side, centre-crop, normalise) is a
+    :class:`ClassificationTransform`; a training run's is its recipe's :func:`eval_transform`, marked by
+    ``eval_resize_ratio``."""
+    if "eval_resize_ratio" in settings:
+        return eval_transform(settings["crop_size"], len(settings["mean"]), settings["eval_resize_ratio"])
+    keys = ("resize_size", "crop_size", "interpolation", "mean", "std")
+    return ClassificationTransform(**{key: tuple(settings[key]) if isinstance(settings[key], list)
+                                      else settings[key] for key in keys if key in settings})

@@ -78,13 +78,9 @@ class PretrainedConfig:
         settings = self.preprocessing
         if not settings or self.task != "image-classification":
             return None
-        from ..data.transforms import ClassificationTransform, eval_transform
+        from ..data.transforms import transform_from_preprocessing
 
-        if "eval_resize_ratio" in settings:
-            return eval_transform(settings["crop_size"], len(settings["mean"]), settings["eval_resize_ratio"])
-        keys = ("resize_size", "crop_size", "interpolation", "mean", "std")
-        return ClassificationTransform(**{key: tuple(settings[key]) if isinstance(settings[key], list)
-                                          else settings[key] for key in keys if key in settings})
+        return transform_from_preprocessing(settings)
 
 
 def is_pretrained_folder(path: str | Path) -> bool:

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidArgumentError
-from .files import atomic_path
-from .hardware import probe
-from .layers import MaxPool2dSame, SeparableConv2d
-from .precision import DEPLOY_PRECISIONS, PRECISIONS, choose_precision
+from ..errors import InvalidArgumentError
+from ..hardware import probe
+from ..layers import MaxPool2dSame, SeparableConv2d
+from ..precision import DEPLOY_PRECISIONS, PRECISIONS, choose_precision
+from .base import RuntimeModel, import_runtime
 
 log = logging.getLogger("xception.deploy")
 
@@ -115,8 +115,8 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
 
 # --- the deployed model -----------------------------------------------------------------------------
 
-class DeployedModel(nn.Module):
-    """An inference-only model: casts and lays out the NCHW float input as its ``module`` wants, runs it
+class DeployedModel(RuntimeModel):
+    """An inference-only model run by PyTorch: casts and lays out the NCHW float input as its ``module`` wants, runs it
     without autograd, and returns float32 (a tensor, or a list of them for a feature extractor).
 
     A compiled module serves every batch size at full speed, without padding: a graph for a batch of one and a
@@ -128,32 +128,55 @@ class DeployedModel(nn.Module):
     or more, and the seconds its first call took: compilation and one run) and ``compile_s``, their sum.
     """
 
+    runtime = "torch"
+
     def __init__(self, module: nn.Module | Any, *, precision: str, channels_last: bool, num_classes: int | None,
                  in_chans: int, report: dict[str, Any], compiled: bool = False,
-                 input_size: tuple[int, int] | None = None) -> None:
-        super().__init__()
+                 input_size: tuple[int, int] | None = None, example_size: tuple[int, int] | None = None) -> None:
+        # input_size: the one height and width an exported (int8) program takes; None: any
+        super().__init__(precision=precision, num_classes=num_classes, in_chans=in_chans, input_size=input_size)
         self.module = module
-        self.input_size = input_size  # the one height and width an exported (int8) program takes; None: any
-        self.precision = precision
         self.channels_last = channels_last
-        self.num_classes = num_classes
-        self.in_chans = in_chans
+        self.example_size = example_size or input_size  # the size it was deployed for, and is saved at
         self.report = report
         self.compiled = compiled
         if compiled:
             report.setdefault("compiled_graphs", {})
 
-    def train(self, mode: bool = True) -> DeployedModel:
-        """Inference only: ``train()``/``eval()`` (which evaluation loops call) leave the wrapped module in evaluation
-        mode; an exported int8 graph refuses them altogether."""
-        self.training = mode
-        return self
+    def describe(self) -> dict[str, Any]:
+        """As saved: at the size it was deployed for (see :meth:`save`)."""
+        size = list(self.example_size) if self.example_size else None
+        return {**super().describe(), "input_size": size, "channels_last": self.channels_last}
+
+    def save(self, folder: Path, stem: str) -> list[str]:
+        """A ``.pt2`` program (``torch.export``) of the prepared module with a symbolic batch size, at the height
+        and width it was deployed for: loaded, it takes that size only (ONNX and OpenVINO keep a segmentation
+        model's dynamic size)."""
+        if self.example_size is None:
+            raise InvalidArgumentError("this deployed model does not know the image size it was deployed for")
+        module = getattr(self.module, "_orig_mod", self.module)  # the module under torch.compile
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        device = next(tensors, torch.zeros(())).device
+        pair = torch.zeros(2, self.in_chans, *self.example_size, dtype=PRECISIONS[self.precision].dtype,
+                           device=device).contiguous(memory_format=memory_format)
+        batch = torch.export.Dim("batch", min=1)
+        program = torch.export.export(module, (pair,), dynamic_shapes=({0: batch},))
+        name = f"{stem}.pt2"
+        torch.export.save(program, folder / name)
+        return [name]
+
+    @classmethod
+    def load(cls, folder: Path, files: list[str], entry: dict[str, Any]) -> DeployedModel:
+        """Compiled with frozen weights, as deployed (each graph at its first call)."""
+        program = torch.export.load(folder / files[0])
+        size = tuple(entry["input_size"])
+        return cls(torch.compile(program.module()), precision=entry["precision"],
+                   channels_last=entry["channels_last"], num_classes=entry["num_classes"],
+                   in_chans=entry["in_chans"], report={}, compiled=True, input_size=size)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> Any:
-        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            raise InvalidArgumentError(f"this {self.precision} model was exported for {self.input_size[0]}x"
-                                       f"{self.input_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}: deploy it "
-                                       "again with an example_input of the size it will run at")
+        self.check_input(x)
         x = x.to(PRECISIONS[self.precision].dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -256,10 +279,11 @@ def optimize_for_inference(model: nn.Module, precision: DeployPrecision = "auto"
         module = _quantize_int8(module, example, calibration, memory_format, reduce_range=reduce_range)
         report["calibration_images"] = sum(len(batch) for batch in calibration)
         report["int8_activation_bits"] = 7 if reduce_range else 8
+    size = tuple(example.shape[-2:])
     deployed = DeployedModel(torch.compile(module) if compile else module, precision=precision,
                              channels_last=channels_last, num_classes=getattr(model, "num_classes", None),
                              in_chans=in_chans, report=report, compiled=compile,
-                             input_size=tuple(example.shape[-2:]) if precision == "int8" else None)
+                             input_size=size if precision == "int8" else None, example_size=size)
     if compile:
         deployed(example_input)  # compile now, so that the cost is paid and reported here, not at the first use
     log.debug("deployed %s: %s", getattr(model, "model_name", type(model).__name__), report)
@@ -359,12 +383,10 @@ def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[t
     that Inductor lowers to oneDNN int8 kernels. ``reduce_range``: activations in 0..127 instead of 0..255, for
     CPUs without VNNI, whose u8 x s8 multiply-adds (``vpmaddubsw``) saturate their 16-bit pair sums when both
     activations of a pair are large (255 x 127 x 2 > 32767); at 7 bits they cannot (127 x 127 x 2 < 32767)."""
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-    except ImportError as error:
-        raise ImportError("precision 'int8' needs torchao (pip install 'xception[deploy]' or pip install torchao)"
-                          ) from error
+    import_runtime("torchao", "precision 'int8'")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
     # A symbolic batch size, so that one quantized program serves every batch (DeployedModel compiles it for the
     # batch sizes it sees). torch.export specialises a dimension of size 1, so it traces a batch of two.
     pair = example[:1].expand(2, *example.shape[1:]).contiguous(memory_format=memory_format)
@@ -377,60 +399,3 @@ def _quantize_int8(module: nn.Module, example: torch.Tensor, calibration: list[t
         for images in calibration:
             prepared(images.contiguous(memory_format=memory_format))
     return convert_pt2e(prepared)
-
-
-# --- ONNX ---------------------------------------------------------------------------------------------
-
-def export_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299, opset: int = 18,
-                dynamic_size: bool | None = None) -> Path:
-    """Write ``model`` (BatchNorm folded, fp32) to an ONNX file with a dynamic batch dimension and, with
-    ``dynamic_size``, a dynamic height and width (from the model's ``min_input_size``). ``dynamic_size`` defaults to
-    True for segmentation models (``model.task``), whose output has the input's size, False for classifiers.
-
-    The file is written to a temporary name and renamed, so a failed export leaves no partial file.
-    """
-    path = Path(path)
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if dynamic_size is None:
-        dynamic_size = getattr(model, "task", None) == "segmentation"
-    folded = fold_batchnorm(model)
-    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
-    if dynamic_size:
-        smallest = max(getattr(model, "min_input_size", 2), 2)  # torch.export specialises sizes 0 and 1
-        dims |= {2: torch.export.Dim("height", min=smallest, max=8192),
-                 3: torch.export.Dim("width", min=smallest, max=8192)}
-        for pool in folded.modules():
-            if isinstance(pool, MaxPool2dSame):
-                pool.shape_agnostic = True  # TF-'same' pooling would freeze the example's parity into the graph
-    example = torch.randn(2, getattr(model, "in_chans", 3), height, width)
-    with atomic_path(path, suffix=".onnx") as temporary:
-        torch.onnx.export(folded, (example,), str(temporary), input_names=["images"], output_names=["output"],
-                          dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True, external_data=False)
-    return path
-
-
-def check_onnx(model: nn.Module, path: str | Path, *, img_size: int | tuple[int, int] = 299,
-               batch_sizes: tuple[int, ...] = (1, 3)) -> float:
-    """The largest relative difference (max |onnx - torch| / max |torch|) between onnxruntime running ``path`` and
-    ``model`` on random batches of each size in ``batch_sizes``, at ``img_size`` and, where the file's height and
-    width are dynamic, also at a size of the other parity in both (``img_size`` + (17, 9)), where a graph that froze
-    the example's size would fail or differ."""
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ImportError("checking an ONNX export needs onnxruntime (pip install 'xception[deploy]')") from error
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    images = session.get_inputs()[0]
-    sizes = [(height, width)]
-    if not all(isinstance(side, int) for side in images.shape[2:]):
-        sizes.append((height + 17, width + 9))
-    model = model.eval()
-    worst = 0.0
-    for (size_h, size_w), batch in itertools.product(sizes, batch_sizes):
-        x = torch.rand(batch, getattr(model, "in_chans", 3), size_h, size_w) * 2 - 1
-        (output,) = session.run(None, {images.name: x.numpy()})
-        with torch.no_grad():
-            expected = model(x).double()
-        worst = max(worst, ((torch.from_numpy(output).double() - expected).abs().max() / expected.abs().max()).item())
-    return worst
