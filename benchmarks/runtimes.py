@@ -1,7 +1,8 @@
 """Which runtime is fastest here: ours (torch, compiled) against ONNX Runtime and OpenVINO, and the choice
 `xception deploy` makes on real images.
 
-    python benchmarks/runtimes.py [--checkpoint runs/bench-fashion-mnist] [--results DIR] [--quick]
+    python benchmarks/runtimes.py [--checkpoint runs/bench-fashion-mnist] [--camvid-checkpoint runs/camvid]
+                                  [--results DIR] [--skip-speed] [--quick]
 
 1. Speed: Xception at 299x299, batch 1 and 8, one `xception benchmark --compare --peers timm,onnxruntime,openvino`
    command each (printed above its table, run in a process of its own, one after the other): every runtime at
@@ -10,9 +11,11 @@
    drift.
 2. Agreement: `xception deploy` on the trained Fashion-MNIST checkpoint (`python benchmarks/fashion_mnist.py` writes
    it): every candidate built from it, int8 calibrated on 256 training images, top-1 agreement with eager fp32 on
-   500 test images, timed at batch 8; the one it writes is the fastest that agrees (>= 99%).
+   500 test images, timed at batch 8; the one it writes is the fastest that agrees (>= 99%). The same for a camvid
+   run (`--camvid-checkpoint`), judged by mIoU on CamVid's val split, at batch 1 and full resolution.
 
-Writes RESULTS/runtimes-b1.md/.json, runtimes-b8.md/.json, runtimes-deploy.json and RESULTS/RUNTIMES.md.
+Writes RESULTS/runtimes-b1.md/.json, runtimes-b8.md/.json, runtimes-deploy.json, runtimes-deploy-camvid.json and
+RESULTS/RUNTIMES.md.
 """
 
 from __future__ import annotations
@@ -43,15 +46,28 @@ def speed_runs(quick: bool, folder: Path) -> list[Run]:
             for batch in (1, 8)]
 
 
-def deploy_command(checkpoint: Path, output: Path, quick: bool) -> list[str]:
-    return ["xception", "deploy", "--checkpoint", str(checkpoint), "--batch-size", "8", "--output", str(output),
-            *(["--repeats", "2", "--held-out-images", "200"] if quick else []), "--json"]
+def deploy_section(title: str, description: str, command: list[str], results: Path, name: str) -> list[str]:
+    """Run one `xception deploy` command, keep its deploy.json as RESULTS/NAME.json, and describe what it chose."""
+    print("$", shlex.join(command), flush=True)
+    subprocess.run([sys.executable, "-m", "xception", *command[1:]], check=True, capture_output=True)
+    record = json.loads((Path(command[command.index("--output") + 1]) / "deploy.json").read_text())
+    (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    height, width = record["img_size"]
+    return [f"## {title}", "",
+            f"`{shlex.join(command)}`: {description}, int8 calibrated on {record['calibration_images']} training "
+            f"images, checked on {record['held_out_images']} held-out images, timed at batch {record['batch_size']} "
+            f"({height}x{width}); accepted: {record['bound']}.", "",
+            "```", *candidates_table(record["candidates"]).splitlines(), "```", "",
+            f"Chosen: **{record['artifact']['runtime']} {record['artifact']['precision']}**.", ""]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/bench-fashion-mnist"))
+    parser.add_argument("--camvid-checkpoint", type=Path, default=Path("runs/camvid"),
+                        help="a camvid run (python benchmarks/camvid.py writes one); left out where absent")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--skip-speed", action="store_true", help="keep the speed tables already in RESULTS")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, noisier numbers)")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
@@ -67,26 +83,31 @@ def main() -> int:
              "NNCF). `vs timm`: "
              "throughput over timm `legacy_xception`'s faster layout, eager fp32, timed in the same process.", ""]
     for run in speed_runs(args.quick, args.results):
-        limits, results = run_benchmark(run)
-        lines += [f"### {run.title}", "", f"`{run.command()}`", "", results_to_markdown(results, limits), ""]
+        if args.skip_speed:
+            table = (run.folder / f"{run.name}.md").read_text().strip()
+        else:
+            limits, results = run_benchmark(run)
+            table = results_to_markdown(results, limits)
+        lines += [f"### {run.title}", "", f"`{run.command()}`", "", table, ""]
 
+    quick = ["--repeats", "2", "--held-out-images", "200"] if args.quick else []
     if (args.checkpoint / "best.safetensors").exists():
-        output = Path("runs") / "deployed-fashion-mnist"
-        command = deploy_command(args.checkpoint, output, args.quick)
-        print("$", shlex.join(command), flush=True)
-        subprocess.run([sys.executable, "-m", "xception", *command[1:]], check=True, capture_output=True)
-        record = json.loads((output / "deploy.json").read_text())
-        (args.results / "runtimes-deploy.json").write_text(json.dumps(record, indent=2) + "\n")
-        table = candidates_table(record["candidates"]).splitlines()
-        lines += ["## What `xception deploy` chooses, on real images", "",
-                  f"`{shlex.join(command)}`: the compact model trained on Fashion-MNIST, int8 calibrated on "
-                  f"{record['calibration_images']} training images, agreement on {record['held_out_images']} test "
-                  f"images, timed at batch {record['batch_size']} ({record['img_size'][0]}x{record['img_size'][1]}); "
-                  f"accepted: {record['bound']}.", "", "```", *table, "```", "",
-                  f"Chosen: **{record['artifact']['runtime']} {record['artifact']['precision']}**.", ""]
+        command = ["xception", "deploy", "--checkpoint", str(args.checkpoint), "--batch-size", "8", "--output",
+                   "runs/deployed-fashion-mnist", *quick, "--json"]
+        lines += deploy_section("What `xception deploy` chooses for a classifier",
+                                "the compact model trained on Fashion-MNIST", command, args.results,
+                                "runtimes-deploy")
     else:
-        lines += [f"({args.checkpoint} not found: `python benchmarks/fashion_mnist.py` writes it; the deploy "
-                  "section is left out.)", ""]
+        lines += [f"({args.checkpoint} not found: `python benchmarks/fashion_mnist.py` writes it.)", ""]
+    if (args.camvid_checkpoint / "best.safetensors").exists():
+        # Full-resolution CamVid images (480x360) on a CPU: a few dozen calibrate int8 as well as hundreds.
+        command = ["xception", "deploy", "--checkpoint", str(args.camvid_checkpoint), "--batch-size", "1",
+                   "--calibration-images", "32", "--output", "runs/deployed-camvid", *quick, "--json"]
+        lines += deploy_section("What `xception deploy` chooses for a segmentation model",
+                                "the CamVid run (DeepLabV3+ on a compact Xception), mIoU on the val split",
+                                command, args.results, "runtimes-deploy-camvid")
+    else:
+        lines += [f"({args.camvid_checkpoint} not found: `python benchmarks/camvid.py` writes a camvid run.)", ""]
     (args.results / "RUNTIMES.md").write_text("\n".join(lines))
     print(f"wrote {args.results / 'RUNTIMES.md'}")
     return 0

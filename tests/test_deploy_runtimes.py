@@ -6,6 +6,7 @@ that every candidate is in the record with its reason, is ours."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_every_candidate_builds_agrees_and_round_trips(candidate, trained, tmp_p
     if (reason := candidate.unavailable()) is not None:
         pytest.skip(reason)
     _, loaded, (calibration, held_out, labels) = trained
-    model = candidate.build(loaded.model, candidate.precision, calibration[:4], list(calibration.split(16)))
+    model = candidate.build(loaded.model, calibration[:4], list(calibration.split(16)))
     assert (model.runtime, model.precision) == (candidate.runtime, candidate.precision)
     with torch.no_grad():
         reference, output = loaded.model(held_out), model(held_out[:4])
@@ -111,8 +112,8 @@ def test_no_candidate_agreeing_means_no_winner(trained):
 
 def test_the_deploy_folder_is_replaced_whole_and_refused_when_foreign(trained, tmp_path):
     _, loaded, (calibration, _, _) = trained
-    first = get_candidate("onnxruntime fp32").build(loaded.model, "fp32", calibration[:2], [calibration])
-    second = get_candidate("openvino fp32").build(loaded.model, "fp32", calibration[:2], [calibration])
+    first = get_candidate("onnxruntime fp32").build(loaded.model, calibration[:2], [calibration])
+    second = get_candidate("openvino fp32").build(loaded.model, calibration[:2], [calibration])
     write_deployment(tmp_path / "out", first, {"task": "classification", "classes": loaded.classes})
     write_deployment(tmp_path / "out", second, {"task": "classification", "classes": loaded.classes})
     record = read_record(tmp_path / "out")
@@ -166,3 +167,15 @@ def test_deploy_command_and_predict_with_the_deployed_folder(trained, tmp_path, 
 
     assert main(["predict", "--deployed", str(output), "--checkpoint", str(run), inputs[0]]) == 2
     assert "leave out --checkpoint" in capsys.readouterr().err
+
+
+def test_a_deployment_whose_runtime_is_missing_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
+    _, loaded, (calibration, _, _) = trained
+    model = get_candidate("openvino fp32").build(loaded.model, calibration[:2], [calibration])
+    write_deployment(tmp_path / "out", model, {"task": "classification", "classes": loaded.classes,
+                                               "preprocessing": loaded.preprocessing})
+    image = tmp_path / "0.png"
+    Image.fromarray(load_fashion_mnist("test")[0][0].numpy()).save(image)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    assert main(["predict", "--deployed", str(tmp_path / "out"), str(image)]) == 2
+    assert "needs openvino, which is not installed (pip install 'xception[deploy]')" in capsys.readouterr().err

@@ -9,11 +9,14 @@ untouched; on any error the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import WeightFileError
 
 
 def sync_file(path: Path) -> None:
@@ -71,3 +74,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def read_json(path: str | Path, remedy: str = "") -> Any:
+    """The JSON document in ``path``, or a WeightFileError that names the file (and ``remedy``, what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise WeightFileError(f"{path} is not valid JSON ({error}){': ' + remedy if remedy else ''}") from error

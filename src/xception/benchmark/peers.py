@@ -12,7 +12,9 @@ import dataclasses
 import itertools
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,7 +116,8 @@ def _runtime_candidates(runtime: str) -> Callable[[BenchmarkConfig], list[Candid
         x = torch.randn(config.batch_size, in_chans, height, width)
         calibration = [torch.randn_like(x) for _ in range(4)]
         params, macs = count_params_and_macs(model, (height, width), in_chans)
-        built = [(c, c.build(model, c.precision, x, calibration)) for c in chosen if reasons[c.name] is None]
+        with tempfile.TemporaryDirectory(prefix="xception-deploy-") as workdir:
+            built = [(c, c.build(model, x, calibration, Path(workdir))) for c in chosen if reasons[c.name] is None]
         return [Candidate(c.name, "NCHW", lambda runner=runner: runner(x), (height, width), params=params, macs=macs,
                           precision=c.precision) for c, runner in built]
 

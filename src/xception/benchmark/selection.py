@@ -11,16 +11,18 @@ failed (the error), never silently dropped.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..deploy import AGREEMENTS, CANDIDATE_NAMES, RuntimeModel, get_candidate
+from ..deploy import AGREEMENTS, CANDIDATE_NAMES, RuntimeCandidate, RuntimeModel, get_candidate
 from ..hardware import probe
 from .timing import BenchmarkConfig, Candidate, run_interleaved
 
@@ -60,28 +62,20 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
 
     rows: list[dict[str, Any]] = []
     built: dict[str, RuntimeModel] = {}
-    for name in candidates:
-        candidate = get_candidate(name)
-        row: dict[str, Any] = {"candidate": candidate.name, "runtime": candidate.runtime,
-                               "precision": candidate.precision}
-        rows.append(row)
-        if (reason := candidate.unavailable()) is not None:
-            row.update(status="skipped", reason=reason)
-            continue
-        start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="xception-deploy-") as workdir:
+        for name in candidates:
+            rows.append(_build(get_candidate(name), model, example, calibration_batches, Path(workdir), built))
+    for row in (row for row in rows if row["candidate"] in built):
         try:
-            runtime_model = candidate.build(model, candidate.precision, example, calibration_batches)
-            row["build_s"] = round(time.perf_counter() - start, 2)
-            measured = agreement.measure(reference, _outputs(runtime_model, held_out, batch_size), labels)
-        except Exception as error:  # a runtime's own failure on this model: recorded, the others still run
-            log.debug("%s failed:\n%s", candidate.name, traceback.format_exc())
-            row.update(status="failed", reason=f"{type(error).__name__}: {error}".strip()[:500])
+            outputs = _outputs(built[row["candidate"]], held_out, batch_size)
+        except Exception as error:  # as for a build: recorded, the others still run
+            del built[row["candidate"]]
+            row.update(status="failed", reason=_failure(row["candidate"], error))
             continue
-        log.info("built %s in %.1f s", candidate.name, row["build_s"])
-        row.update({key: round(value, 6) for key, value in measured.items()})
+        measured = agreement.measure(reference, outputs, labels)
         rejected = agreement.rejects(measured)
+        row.update({key: round(value, 6) for key, value in measured.items()})
         row.update(status="rejected" if rejected else "accepted", reason=rejected)
-        built[candidate.name] = runtime_model
 
     _time(built, rows, example, repeats, iterations)
     accepted = [row for row in rows if row["status"] == "accepted"]
@@ -92,6 +86,28 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
               "held_out_images": len(held_out), "calibration_images": len(calibration), "bound": agreement.bound,
               "threads": torch.get_num_threads(), "candidates": rows}
     return Selection(rows, built[best["candidate"]] if best else None, agreement.bound, record)
+
+
+def _build(candidate: RuntimeCandidate, model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
+           workdir: Path, built: dict[str, RuntimeModel]) -> dict[str, Any]:
+    """The candidate's row: skipped (with why) or failed (with the error), or built into ``built``."""
+    row: dict[str, Any] = {"candidate": candidate.name, "runtime": candidate.runtime, "precision": candidate.precision}
+    if (reason := candidate.unavailable()) is not None:
+        return row | {"status": "skipped", "reason": reason}
+    start = time.perf_counter()
+    try:
+        built[candidate.name] = candidate.build(model, example, calibration, workdir)
+    except Exception as error:  # a runtime's own failure on this model: recorded, the others still run
+        return row | {"status": "failed", "reason": _failure(candidate.name, error)}
+    row["build_s"] = round(time.perf_counter() - start, 2)
+    log.info("built %s in %.1f s", candidate.name, row["build_s"])
+    return row
+
+
+def _failure(name: str, error: Exception) -> str:
+    """The reason a deploy.json gives for a failed candidate (the traceback goes to the debug log)."""
+    log.debug("%s failed:\n%s", name, traceback.format_exc())
+    return f"{type(error).__name__}: {error}".strip()[:500]
 
 
 @torch.no_grad()

@@ -30,15 +30,28 @@ def checkpoint_task(checkpoint: str | None) -> str:
     return model_task(read_architecture(weights)[0])
 
 
+def calibration_data(args: argparse.Namespace) -> str | None:
+    """``--calibration``, else the data the run was trained on (its config.json records it), else None."""
+    from ..inference import run_files
+
+    if args.calibration is not None or args.checkpoint is None or not Path(args.checkpoint).is_dir():
+        return args.calibration
+    _, config = run_files(Path(args.checkpoint))
+    return config.get("train", {}).get("data")
+
+
 def classifier_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any, Any]:
     from ..deploy import TopOneAgreement
     from ..inference import deploy_inputs, load_model
 
     loaded = load_model(args.checkpoint, args.model, args.weights)
-    calibration, held_out, labels = deploy_inputs(loaded, args.calibration or "fashion-mnist",
-                                                  args.calibration_images, args.held_out_images)
-    record = {"task": "classification", "classes": loaded.classes, "preprocessing": loaded.preprocessing,
-              "registered": loaded.registered}
+    data = calibration_data(args)
+    if data is None:
+        raise InvalidArgumentError("give --calibration DATA: real images like those the model will see (fashion-mnist, "
+                                   "or a folder with train/ and val/ class folders)")
+    calibration, held_out, labels = deploy_inputs(loaded, data, args.calibration_images, args.held_out_images)
+    record = {"task": "classification", "data": data, "classes": loaded.classes,
+              "preprocessing": loaded.preprocessing, "registered": loaded.registered}
     return loaded.model, record, TopOneAgreement(args.min_agreement), (calibration, held_out, labels), loaded
 
 
@@ -46,12 +59,13 @@ def segmenter_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any
     from ..deploy import MeanIoUAgreement
     from ..inference_segmentation import load_segmenter, segmentation_deploy_inputs
 
-    if args.calibration is None:
-        raise InvalidArgumentError("a segmentation model needs --calibration DATA: its segmentation folder (train/ "
-                                   "images calibrate int8, val/ images and labels check the mIoU)")
+    data = calibration_data(args)
+    if data is None:
+        raise InvalidArgumentError("give --calibration DATA: a segmentation folder (train/ images calibrate int8, "
+                                   "val/ images and labels check the mIoU)")
     loaded = load_segmenter(args.checkpoint)
-    tensors = segmentation_deploy_inputs(loaded, args.calibration, args.calibration_images, args.held_out_images)
-    record = {"task": "segmentation", "classes": loaded.classes, "ignore_index": loaded.ignore_index,
+    tensors = segmentation_deploy_inputs(loaded, data, args.calibration_images, args.held_out_images)
+    record = {"task": "segmentation", "data": data, "classes": loaded.classes, "ignore_index": loaded.ignore_index,
               "preprocessing": {"scale": "x / 127.5 - 1", "resize": None}}  # full resolution, as segment predict
     agreement = MeanIoUAgreement(args.max_miou_drop, loaded.ignore_index)
     return loaded.model, record, agreement, tensors, loaded
@@ -107,8 +121,8 @@ def add_deploy_command(commands: Any, classifiers: list[str]) -> None:
     deploy.add_argument("--checkpoint", help="a run folder (classification or segmentation) or a weights file")
     deploy.add_argument("--weights", help="registered weights of --model, e.g. imagenet, or hf-hub:org/name")
     deploy.add_argument("--model", default="xception", choices=classifiers, help="model of --weights")
-    deploy.add_argument("--calibration", metavar="DATA", help="real images: fashion-mnist (the default for a "
-                        "classifier), an ImageNet-layout folder, or a segmentation folder; int8 calibrates on its "
+    deploy.add_argument("--calibration", metavar="DATA", help="real images: fashion-mnist, an ImageNet-layout folder, "
+                        "or a segmentation folder (default: the data the run was trained on); int8 calibrates on its "
                         "train split, agreement with fp32 is measured on its val split")
     deploy.add_argument("--calibration-images", type=positive, default=CALIBRATION_IMAGES)
     deploy.add_argument("--held-out-images", type=positive, default=HELD_OUT_IMAGES,

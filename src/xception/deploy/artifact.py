@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError, WeightFileError
-from ..files import sync_file, write_text_atomic
+from ..files import read_json, sync_file, write_text_atomic
 from .base import RuntimeModel
 from .runtimes import RUNTIMES
 
@@ -71,10 +71,7 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / DEPLOY_FILE
     if not path.is_file():
         raise InvalidArgumentError(f"{folder} holds no {DEPLOY_FILE}: give a folder written by xception deploy")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise WeightFileError(f"{path} is not valid JSON ({error}): deploy the model again") from error
+    record = read_json(path, "deploy the model again")
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise WeightFileError(f"{path} is not a deploy record (no format {FORMAT!r})")
     if record.get("format_version") != FORMAT_VERSION:

@@ -13,14 +13,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, XceptionError
 
 EXTRA = "pip install 'xception[deploy]'"
 
 
-class RuntimeUnavailable(ImportError):
+class RuntimeUnavailable(XceptionError, ImportError):
     """A runtime (or the library it needs) that is not installed or cannot run on this machine; the message says
-    which and what to do."""
+    which and what to do (the command line prints it as one line, like the library's other errors)."""
 
 
 def import_runtime(package: str, purpose: str) -> ModuleType:

@@ -10,7 +10,6 @@ which int8 then uses there.
 from __future__ import annotations
 
 import itertools
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +120,27 @@ class OnnxRuntimeModel(RuntimeModel):
                    in_chans=entry["in_chans"])
 
 
-def onnxruntime_model(model: nn.Module, precision: str, example: torch.Tensor,
-                      calibration: list[torch.Tensor]) -> OnnxRuntimeModel:
+def exported_onnx(model: nn.Module, example: torch.Tensor, workdir: Path) -> Path:
+    """``model``'s fp32 ONNX export at ``example``'s height and width, in ``workdir``: exported once per workdir
+    and size, since every ONNX Runtime and OpenVINO candidate of one deployment starts from it (a workdir serves
+    one model)."""
+    height, width = example.shape[-2:]
+    path = workdir / f"model-{height}x{width}.onnx"
+    if not path.is_file():
+        export_onnx(model, path, img_size=(height, width))
+    return path
+
+
+def onnxruntime_model(model: nn.Module, precision: str, example: torch.Tensor, calibration: list[torch.Tensor],
+                      workdir: Path) -> OnnxRuntimeModel:
     """``model`` exported to ONNX (fp32) and, for ``"int8"``, quantized to QDQ on ``calibration``: static
     quantization with per-channel int8 weights and uint8 activations, after ONNX Runtime's pre-processing
     (shape inference and graph optimization), as its documentation recommends."""
     import_runtime("onnxruntime", "the onnxruntime runtime")
-    with tempfile.TemporaryDirectory(prefix="xception-onnx-") as scratch:
-        path = export_onnx(model, Path(scratch) / "model.onnx", img_size=tuple(example.shape[-2:]))
-        if precision == "int8":
-            path = quantize_onnx(path, Path(scratch) / "model.int8.onnx", calibration)
-        model_bytes = path.read_bytes()
-    return OnnxRuntimeModel(model_bytes, precision=precision, num_classes=getattr(model, "num_classes", None),
+    path = exported_onnx(model, example, workdir)
+    if precision == "int8":
+        path = quantize_onnx(path, path.with_suffix(".int8.onnx"), calibration)
+    return OnnxRuntimeModel(path.read_bytes(), precision=precision, num_classes=getattr(model, "num_classes", None),
                             in_chans=example.shape[1])
 
 

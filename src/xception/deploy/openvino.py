@@ -7,7 +7,6 @@ CPUs that have it (AVX512_BF16, AMX), so an "fp32" model would silently be a bf1
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import RuntimeModel, import_runtime
-from .onnx import export_onnx
+from .onnx import exported_onnx
 
 # The hint's value for each precision; int8 runs its quantized operations in int8 and the rest in f32.
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -58,14 +57,12 @@ class OpenVinoModel(RuntimeModel):
         return cls(model, precision=entry["precision"], num_classes=entry["num_classes"], in_chans=entry["in_chans"])
 
 
-def openvino_model(model: nn.Module, precision: str, example: torch.Tensor,
-                   calibration: list[torch.Tensor]) -> OpenVinoModel:
+def openvino_model(model: nn.Module, precision: str, example: torch.Tensor, calibration: list[torch.Tensor],
+                   workdir: Path) -> OpenVinoModel:
     """``model`` through its ONNX export to OpenVINO; for ``"int8"``, quantized by ``nncf.quantize`` (its default
     mixed preset: symmetric weights, per channel) on every calibration batch."""
     ov = import_runtime("openvino", "the openvino runtime")
-    with tempfile.TemporaryDirectory(prefix="xception-openvino-") as scratch:
-        converted = ov.convert_model(str(export_onnx(model, Path(scratch) / "model.onnx",
-                                                     img_size=tuple(example.shape[-2:]))))
+    converted = ov.convert_model(str(exported_onnx(model, example, workdir)))
     if precision == "int8":
         nncf = import_runtime("nncf", "openvino int8")
         batches = [batch.float().contiguous().numpy() for batch in calibration]

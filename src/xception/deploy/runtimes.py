@@ -9,8 +9,10 @@ batches of real images, preprocessed as for evaluation (int8 sets its activation
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,11 +24,11 @@ from .onnx import OnnxRuntimeModel, onnxruntime_model
 from .openvino import OpenVinoModel, openvino_model
 from .torch_path import DeployedModel, optimize_for_inference
 
-Builder = Callable[[nn.Module, str, torch.Tensor, list[torch.Tensor]], RuntimeModel]
+Builder = Callable[[nn.Module, str, torch.Tensor, list[torch.Tensor], Path], RuntimeModel]
 
 
-def _torch_model(model: nn.Module, precision: str, example: torch.Tensor,
-                 calibration: list[torch.Tensor]) -> RuntimeModel:
+def _torch_model(model: nn.Module, precision: str, example: torch.Tensor, calibration: list[torch.Tensor],
+                 workdir: Path) -> RuntimeModel:
     """Compiled with frozen weights; the layout timed on the example."""
     return optimize_for_inference(model, precision, calibration if precision == "int8" else None,
                                   example_input=example, compile=True)
@@ -37,7 +39,16 @@ class RuntimeCandidate:
     runtime: str
     precision: str
     packages: tuple[str, ...]  # what must be importable (the ``deploy`` extra installs them all)
-    build: Builder
+    builder: Builder
+
+    def build(self, model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],
+              workdir: Path | None = None) -> RuntimeModel:
+        """This candidate made from ``model`` in evaluation mode (see the module docstring). ``workdir``: a folder
+        for intermediate files that the candidates of one model share (its ONNX export); a temporary one if None."""
+        if workdir is not None:
+            return self.builder(model, self.precision, example, calibration, workdir)
+        with tempfile.TemporaryDirectory(prefix="xception-deploy-") as scratch:
+            return self.builder(model, self.precision, example, calibration, Path(scratch))
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgumentError, WeightFileError
+from ..files import read_json
 from .download import HubRepo, hub_repo_file, parse_hub_spec
 from .loading import PRETRAINED_WEIGHTS
 
@@ -124,11 +125,7 @@ def read_pretrained(folder: str | Path) -> tuple[PretrainedConfig, Path]:
                               f"it with --checkpoint, or share it with xception.save_pretrained(run_dir, folder)")
     if not config_path.is_file():
         raise WeightFileError(f"{folder} has no {CONFIG_FILE}: it is not a folder written by xception.save_pretrained")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise WeightFileError(f"{config_path} is not valid JSON ({error})") from error
-    config = PretrainedConfig.from_json(data, str(config_path))
+    config = PretrainedConfig.from_json(read_json(config_path), str(config_path))
     if not weights.is_file():
         raise WeightFileError(f"{folder} has a {CONFIG_FILE} but no {PRETRAINED_WEIGHTS}")
     return config, weights
