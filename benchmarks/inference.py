@@ -52,6 +52,10 @@ DEPLOY = ("fp32", "fp32+compile", "bf16", "bf16+compile", "int8")
 # The fast-inference issue's targets: throughput over timm legacy_xception's best fp32 eager configuration.
 TARGETS = {"fp32": 1.2, "bf16": 2.5, "int8": 3.5}
 TRAINING_TARGET = 1.3  # a bf16 training step over timm's best configuration
+RUNTIMES_POINTER = ["## Other runtimes", "",
+                    "ONNX Runtime and OpenVINO beside ours at each precision, and what `xception deploy` chooses on "
+                    "real images: [RUNTIMES.md](RUNTIMES.md), from `python benchmarks/runtimes.py` (a separate "
+                    "command: it takes about 15 minutes on its own).", ""]
 # The `xception benchmark` options a run may set, in the order the printed command gives them.
 OPTIONS = (("--mode", "mode"), ("--deploy", "deploy"), ("--batch-size", "batch_size"),
            ("--channels-last", "channels_last"), ("--precision", "precision"), ("--warmup", "warmup"),
@@ -296,6 +300,8 @@ def main() -> int:
                   "eager fp32 model's.", "", "| model | top-1 | agreement with fp32 |", "|---|---:|---:|"]
         lines += [f"| {row['model']} | {100 * row['top1']:.2f}% | {100 * row['agreement']:.2f}% |" for row in accuracy]
         lines.append("")
+    if (args.results / "RUNTIMES.md").is_file():
+        lines += RUNTIMES_POINTER
     lines += section_from_results()  # benchmarks/gpu.py's section: its recorded run, or how to run it
     args.page.write_text("\n".join(lines))
     print(f"wrote {args.page}")

@@ -103,10 +103,14 @@ def command_deploy(args: argparse.Namespace) -> int:
 
 def candidates_table(rows: list[dict[str, Any]]) -> str:
     """One line per candidate: its speed, agreement and status (with the reason where it was not chosen)."""
-    lines = [f"{'candidate':<18} {'img/s':>9} {'p50 ms':>9} {'agreement':>9}  status"]
+    miou = any("miou" in row for row in rows)  # segmentation: the score it is judged by, beside the agreement
+    score = f"{'mIoU':>7}" if miou else ""
+    lines = [f"{'candidate':<18} {'img/s':>9} {'p50 ms':>9} {'agreement':>9}{score}  status"]
     for row in rows:
         speed = f"{row['images_per_s']:9.1f} {row['p50_ms']:9.2f}" if "images_per_s" in row else f"{'-':>9} {'-':>9}"
         agreement = f"{row['agreement']:9.2%}" if "agreement" in row else f"{'-':>9}"
+        if miou:
+            agreement += f"{row['miou']:7.2f}" if "miou" in row else f"{'-':>7}"
         status = row["status"] + (f" ({row['reason']})" if row.get("reason") else "")
         lines.append(f"{row['candidate']:<18} {speed} {agreement}  {status}")
     return "\n".join(lines)

@@ -158,7 +158,14 @@ def quantize_onnx(source: Path, destination: Path, calibration: list[torch.Tenso
             return None if batch is None else {INPUT_NAME: batch.float().contiguous().numpy()}
 
     prepared = destination.with_suffix(".pre.onnx")
-    quant_pre_process(str(source), str(prepared))
+    try:
+        quant_pre_process(str(source), str(prepared))
+    except Exception as error:  # onnxruntime raises a bare Exception for this
+        if "symbolic shape inference" not in str(error):
+            raise
+        # Its symbolic shape inference cannot follow some graphs with a dynamic height and width (a segmentation
+        # model that resizes its input); ONNX's own shape inference, which it also runs, is enough to quantize.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(destination), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     reduce_range=probe().int8_reduce_range)
