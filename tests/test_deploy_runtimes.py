@@ -102,23 +102,30 @@ def test_the_choice_is_the_fastest_that_agrees_and_the_record_keeps_every_candid
     assert rows["onnxruntime int8"]["reason"] == "RuntimeError: the quantizer gave up"
     assert selection.record["machine"] and selection.record["held_out_images"] == len(held_out)
 
-
-def test_no_candidate_agreeing_means_no_winner(trained):
-    _, loaded, (calibration, held_out, labels) = trained
-    selection = choose_deployment(loaded.model, calibration, held_out, labels, batch_size=2, repeats=1,
-                                  iterations=1, candidates=["onnxruntime fp32"], agreement=TopOneAgreement(1.01))
-    assert selection.winner is None and selection.rows[0]["status"] == "rejected"
+    nothing = choose_deployment(loaded.model, calibration, held_out, labels, batch_size=2, repeats=1, iterations=1,
+                                candidates=["onnxruntime fp32"], agreement=TopOneAgreement(1.01))
+    assert nothing.winner is None and nothing.rows[0]["status"] == "rejected"
 
 
-def test_the_deploy_folder_is_replaced_whole_and_refused_when_foreign(trained, tmp_path):
+def test_the_deploy_folder_is_replaced_whole_and_refused_when_foreign(trained, tmp_path, monkeypatch, capsys):
+    """A new deployment replaces the old one's files; a foreign folder is refused untouched; a folder whose runtime
+    is not installed, or that lacks a file, or is of another format version, is refused saying what to do."""
     _, loaded, (calibration, _, _) = trained
     first = get_candidate("onnxruntime fp32").build(loaded.model, calibration[:2], [calibration])
     second = get_candidate("openvino fp32").build(loaded.model, calibration[:2], [calibration])
-    write_deployment(tmp_path / "out", first, {"task": "classification", "classes": loaded.classes})
-    write_deployment(tmp_path / "out", second, {"task": "classification", "classes": loaded.classes})
+    described = {"task": "classification", "classes": loaded.classes, "preprocessing": loaded.preprocessing}
+    write_deployment(tmp_path / "out", first, described)
+    write_deployment(tmp_path / "out", second, described)
     record = read_record(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([DEPLOY_FILE, *record["artifact"]["files"]])
     assert record["artifact"]["runtime"] == "openvino"
+
+    image = tmp_path / "0.png"
+    Image.fromarray(load_fashion_mnist("test")[0][0].numpy()).save(image)
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+        assert main(["predict", "--deployed", str(tmp_path / "out"), str(image)]) == 2
+    assert "needs openvino, which is not installed (pip install 'xception[deploy]')" in capsys.readouterr().err
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -167,15 +174,3 @@ def test_deploy_command_and_predict_with_the_deployed_folder(trained, tmp_path, 
 
     assert main(["predict", "--deployed", str(output), "--checkpoint", str(run), inputs[0]]) == 2
     assert "leave out --checkpoint" in capsys.readouterr().err
-
-
-def test_a_deployment_whose_runtime_is_missing_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
-    _, loaded, (calibration, _, _) = trained
-    model = get_candidate("openvino fp32").build(loaded.model, calibration[:2], [calibration])
-    write_deployment(tmp_path / "out", model, {"task": "classification", "classes": loaded.classes,
-                                               "preprocessing": loaded.preprocessing})
-    image = tmp_path / "0.png"
-    Image.fromarray(load_fashion_mnist("test")[0][0].numpy()).save(image)
-    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
-    assert main(["predict", "--deployed", str(tmp_path / "out"), str(image)]) == 2
-    assert "needs openvino, which is not installed (pip install 'xception[deploy]')" in capsys.readouterr().err

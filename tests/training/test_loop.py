@@ -135,23 +135,28 @@ def test_eval_command(trained_run, capsys):
 
 
 def test_eval_of_the_deployed_model_at_each_precision(trained_run, capsys):
-    # 2,000 of the 10,000 test images: bf16 without native support takes the slow kernels, and the bounds below
-    # are about the deployment, which the same images compare as well as all of them.
+    # 2,000 of the 10,000 test images: the bounds below are about the deployment, which the same images compare as
+    # well as all of them.
+    # bf16 takes 500 where it is not native (its reference kernels took half a minute for 2,000 on the Zen 3).
     skip_if_int8_kernels_simulated()
     output, _ = trained_run
-    quick = 2000
-    eager = evaluate_on(load_model(output), "fashion-mnist", batch_size=500, precision=None, max_images=quick)[0]
-    assert eager["samples"] == quick and min(map(sum, eager["confusion"])) > 0  # spread over every class
+    images = {precision: 2000 for precision in (None, "fp32", "int8")}
+    images["bf16"] = 2000 if "bf16" in probe().native_precisions("cpu") else 500
+    eager = {}
+    for count in set(images.values()):
+        metrics = evaluate_on(load_model(output), "fashion-mnist", batch_size=500, precision=None, max_images=count)[0]
+        assert metrics["samples"] == count and min(map(sum, metrics["confusion"])) > 0  # spread over every class
+        eager[count] = metrics["top1"]
     top1 = {}
-    for precision in (None, "fp32", "bf16", "int8"):
+    for precision, count in images.items():
         extra = [] if precision is None else ["--precision", precision]
         assert main(["eval", "--checkpoint", str(output), "--json", "--batch-size", "500", "--max-images",
-                     str(quick), *extra]) == 0
+                     str(count), *extra]) == 0
         top1[precision] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"]
-    eager = eager["top1"]
-    assert abs(top1["fp32"] - eager) <= 2e-4  # BN folding changes rounding only
-    assert abs(top1["bf16"] - eager) <= 0.01
-    assert abs(top1["int8"] - eager) <= 0.02
+    assert abs(top1["fp32"] - eager[2000]) <= 2e-4  # BN folding changes rounding only
+    assert abs(top1["bf16"] - eager[images["bf16"]]) <= 0.01
+    assert abs(top1["int8"] - eager[2000]) <= 0.02
+    eager = eager[2000]
     # The default is auto's choice: bf16 deployed where it is native, else the model as trained (fp32, eager).
     auto = choose_precision("auto", "cpu", DEPLOY_PRECISIONS).name
     assert abs(top1[None] - (eager if auto == "fp32" else top1[auto])) <= 2e-4  # bf16's layout is timed per run

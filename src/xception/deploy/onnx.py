@@ -158,14 +158,10 @@ def quantize_onnx(source: Path, destination: Path, calibration: list[torch.Tenso
             return None if batch is None else {INPUT_NAME: batch.float().contiguous().numpy()}
 
     prepared = destination.with_suffix(".pre.onnx")
-    try:
-        quant_pre_process(str(source), str(prepared))
-    except Exception as error:  # onnxruntime raises a bare Exception for this
-        if "symbolic shape inference" not in str(error):
-            raise
-        # Its symbolic shape inference cannot follow some graphs with a dynamic height and width (a segmentation
-        # model that resizes its input); ONNX's own shape inference, which it also runs, is enough to quantize.
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    # ONNX's own shape inference only: ONNX Runtime's symbolic one (meant for transformers) adds nothing to these
+    # convolutional graphs (the same nodes for Xception), gives up on a segmentation model that resizes an input of
+    # dynamic size, and on giving up writes files into the working folder.
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     quantize_static(str(prepared), str(destination), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     reduce_range=probe().int8_reduce_range)

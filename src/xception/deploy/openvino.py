@@ -7,6 +7,8 @@ CPUs that have it (AVX512_BF16, AMX), so an "fp32" model would silently be a bf1
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,7 @@ def openvino_model(model: nn.Module, precision: str, example: torch.Tensor, cali
     if precision == "int8":
         nncf = import_runtime("nncf", "openvino int8")
         batches = [batch.float().contiguous().numpy() for batch in calibration]
-        converted = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches))
+        with contextlib.redirect_stdout(sys.stderr):  # its progress bars, off the command's own output
+            converted = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches))
     return OpenVinoModel(converted, precision=precision, num_classes=getattr(model, "num_classes", None),
                          in_chans=example.shape[1])
