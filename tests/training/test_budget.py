@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_loop import TINY
+from loop_samples import TINY
 
 from xception.training import TrainConfig, train
 from xception.training import budget as budget_module
