@@ -1,4 +1,5 @@
-"""Fast inference: BatchNorm folding, memory layout, bf16, int8 and compilation; ONNX export.
+"""The PyTorch runtime of a deployment: BatchNorm folding, memory layout, bf16, int8, compilation, and the ``.pt2``
+program a deployment folder keeps (:meth:`DeployedModel.save`; ONNX is :mod:`.onnx`).
 
 :func:`optimize_for_inference` turns a trained model into an inference-only one that takes the same NCHW float
 batch and returns the same float32 output:
