@@ -28,6 +28,7 @@ from xception.deploy import (
 )
 from xception.deploy import runtimes as runtimes_module
 from xception.errors import InvalidArgumentError, WeightFileError
+from xception.hub import save_pretrained
 from xception.inference import deploy_inputs, load_model
 from xception.training import TrainConfig, train
 
@@ -174,3 +175,8 @@ def test_deploy_command_and_predict_with_the_deployed_folder(trained, tmp_path, 
 
     assert main(["predict", "--deployed", str(output), "--checkpoint", str(run), inputs[0]]) == 2
     assert "leave out --checkpoint" in capsys.readouterr().err
+
+    # A save_pretrained folder records no data folder to calibrate on (a run's config.json does): asked for.
+    save_pretrained(run, tmp_path / "shared")
+    assert main(["deploy", "--checkpoint", str(tmp_path / "shared"), "--output", str(tmp_path / "x")]) == 2
+    assert "give --calibration DATA" in capsys.readouterr().err

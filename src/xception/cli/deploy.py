@@ -33,9 +33,12 @@ def checkpoint_task(checkpoint: str | None) -> str:
 def calibration_data(args: argparse.Namespace) -> str | None:
     """``--calibration``, else the data the run was trained on (its config.json records it), else None."""
     from ..inference import run_files
+    from ..weights.pretrained import is_pretrained_folder
 
     if args.calibration is not None or args.checkpoint is None or not Path(args.checkpoint).is_dir():
         return args.calibration
+    if is_pretrained_folder(args.checkpoint):  # a save_pretrained folder names its data sets by Hub id only
+        return None
     _, config = run_files(Path(args.checkpoint))
     return config.get("train", {}).get("data")
 
