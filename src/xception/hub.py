@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .data.transforms import eval_transform_description
 from .errors import InvalidArgumentError
 from .files import write_text_atomic
 from .models import create_model
@@ -204,10 +205,8 @@ def describe_run(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     elif registered is not None and in_chans == 3:
         fields["preprocessing"] = registered_fields(registered)["preprocessing"]
     elif recipe.get("img_size"):
-        size, ratio = recipe["img_size"], recipe.get("eval_resize_ratio", 1.0)
-        fields["preprocessing"] = {"resize_size": [size, size] if ratio == 1.0 else round(size * ratio),
-                                   "crop_size": size, "interpolation": "bilinear", "mean": [0.5] * in_chans,
-                                   "std": [0.5] * in_chans, "eval_resize_ratio": ratio}
+        fields["preprocessing"] = eval_transform_description(recipe["img_size"], in_chans,
+                                                             recipe.get("eval_resize_ratio", 1.0))
     data = str(train.get("data", ""))
     dataset, dataset_id, split = (*FASHION_MNIST, "test") if data == "fashion-mnist" else (
         Path(data).name or None, None, "val")

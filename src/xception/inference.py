@@ -19,12 +19,11 @@ from .data import (
     FASHION_MNIST_CLASSES,
     IMAGE_EXTENSIONS,
     ImageDataset,
-    SampleKey,
     Transform,
-    eval_transform,
     load_fashion_mnist,
+    readable_samples,
 )
-from .data.transforms import ImageError, open_image, transform_from_preprocessing
+from .data.transforms import ImageError, eval_transform_description, open_image, transform_from_preprocessing
 from .deploy import Deployment
 from .errors import InvalidArgumentError
 from .files import atomic_path, save_figure
@@ -98,11 +97,8 @@ def load_trained(checkpoint: str | Path) -> LoadedModel:
     recipe = config.get("recipe", {})
     classes = config.get("classes") or [str(i) for i in range(model.num_classes)]
     img_size = recipe.get("img_size") or 299
-    ratio = recipe.get("eval_resize_ratio", 1.0)
-    resize: int | list[int] = [img_size, img_size] if ratio == 1.0 else round(img_size * ratio)
-    description = {"resize_size": resize, "crop_size": img_size, "interpolation": "bilinear",
-                   "mean": [0.5] * model.in_chans, "std": [0.5] * model.in_chans, "eval_resize_ratio": ratio}
-    return LoadedModel(model, classes, model.in_chans, img_size, eval_transform(img_size, model.in_chans, ratio),
+    description = eval_transform_description(img_size, model.in_chans, recipe.get("eval_resize_ratio", 1.0))
+    return LoadedModel(model, classes, model.in_chans, img_size, transform_from_preprocessing(description),
                        description)
 
 
@@ -169,8 +165,8 @@ def calibration_images(loaded: LoadedModel, data: str, count: int = 512) -> torc
     """The first ``count`` readable *training* images of ``data`` (``fashion-mnist`` or an ImageNet-layout folder),
     preprocessed as for evaluation: int8 calibration never sees the images it is evaluated on."""
     train_set = dataset_for(loaded, data, "train")
-    samples = (train_set[SampleKey(0, i)] for i in range(min(len(train_set), 2 * count)))
-    return torch.stack([sample[0] for sample in samples if sample is not None][:count])
+    samples = readable_samples(train_set, range(min(len(train_set), 2 * count)))
+    return torch.stack([image for image, _ in samples[:count]])
 
 
 def load_images(loaded: LoadedModel, files: Iterable[str | Path], limit: int) -> torch.Tensor:
@@ -286,7 +282,7 @@ def deploy_inputs(loaded: LoadedModel, data: str, calibration_count: int,
     fp32 is measured on them); all preprocessed as for evaluation."""
     calibration = calibration_images(loaded, data, calibration_count)
     dataset = checked_dataset(loaded, data, "val").spread(held_out_count)
-    samples = [sample for sample in (dataset[SampleKey(0, i)] for i in range(len(dataset))) if sample is not None]
+    samples = readable_samples(dataset, range(len(dataset)))
     if not samples:
         raise InvalidArgumentError(f"{data} has no readable validation images to check the deployment on")
     return calibration, torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])

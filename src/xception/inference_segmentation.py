@@ -23,10 +23,10 @@ from torchvision.transforms.v2 import functional as TF
 from .data import (
     IGNORE_INDEX,
     ResumableSampler,
-    SampleKey,
     SegmentationCollate,
     SegmentationDataset,
     SegmentationEvalTransform,
+    readable_samples,
 )
 from .data.transforms import ImageError, open_image
 from .deploy import Deployment
@@ -115,8 +115,7 @@ def segmentation_deploy_inputs(loaded: LoadedSegmenter, data: str | Path, calibr
                                                   ignore_index=loaded.ignore_index)
         chosen = (torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().tolist() if spread
                   else range(min(count, len(dataset))))
-        samples = [dataset[SampleKey(0, i)] for i in chosen]
-        return [sample for sample in samples if sample is not None]
+        return readable_samples(dataset, chosen)
 
     calibration, held_out = images("train", calibration_count, False), images("val", held_out_count, True)
     sizes = {tuple(image.shape[-2:]) for image, _ in calibration + held_out}

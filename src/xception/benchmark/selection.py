@@ -15,7 +15,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,15 @@ log = logging.getLogger("xception.deploy")
 
 @dataclass
 class Selection:
-    """Every candidate's row (``deploy.json``'s ``candidates``) and the chosen model (None if none agreed)."""
+    """The chosen model (None if none agreed) and what deploy.json records of the choice (machine, sizes, bound,
+    and every candidate's row)."""
 
-    rows: list[dict[str, Any]]
     winner: RuntimeModel | None
-    bound: str
-    record: dict[str, Any] = field(default_factory=dict)  # what deploy.json records besides the model
+    record: dict[str, Any]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.record["candidates"]
 
 
 def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: torch.Tensor, labels: torch.Tensor, *,
@@ -85,7 +88,7 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
     record = {"machine": probe().line(), "batch_size": batch_size, "img_size": list(example.shape[-2:]),
               "held_out_images": len(held_out), "calibration_images": len(calibration), "bound": agreement.bound,
               "threads": torch.get_num_threads(), "candidates": rows}
-    return Selection(rows, built[best["candidate"]] if best else None, agreement.bound, record)
+    return Selection(built[best["candidate"]] if best else None, record)
 
 
 def _build(candidate: RuntimeCandidate, model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor],

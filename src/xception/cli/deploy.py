@@ -43,7 +43,8 @@ def calibration_data(args: argparse.Namespace) -> str | None:
     return config.get("train", {}).get("data")
 
 
-def classifier_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any, Any]:
+def classifier_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
+    """The model, what deploy.json records of it, the agreement it is held to, and (calibration, held-out, labels)."""
     from ..deploy import TopOneAgreement
     from ..inference import deploy_inputs, load_model
 
@@ -55,10 +56,11 @@ def classifier_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], An
     calibration, held_out, labels = deploy_inputs(loaded, data, args.calibration_images, args.held_out_images)
     record = {"task": "classification", "data": data, "classes": loaded.classes,
               "preprocessing": loaded.preprocessing, "registered": loaded.registered}
-    return loaded.model, record, TopOneAgreement(args.min_agreement), (calibration, held_out, labels), loaded
+    return loaded.model, record, TopOneAgreement(args.min_agreement), (calibration, held_out, labels)
 
 
-def segmenter_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any, Any]:
+def segmenter_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
+    """As :func:`classifier_inputs`, for a segmentation run."""
     from ..deploy import MeanIoUAgreement
     from ..inference_segmentation import load_segmenter, segmentation_deploy_inputs
 
@@ -71,7 +73,7 @@ def segmenter_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any
     record = {"task": "segmentation", "data": data, "classes": loaded.classes, "ignore_index": loaded.ignore_index,
               "preprocessing": {"scale": "x / 127.5 - 1", "resize": None}}  # full resolution, as segment predict
     agreement = MeanIoUAgreement(args.max_miou_drop, loaded.ignore_index)
-    return loaded.model, record, agreement, tensors, loaded
+    return loaded.model, record, agreement, tensors
 
 
 TASK_INPUTS = {"classification": classifier_inputs, "segmentation": segmenter_inputs}
@@ -86,7 +88,7 @@ def command_deploy(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("give either --checkpoint RUN or --weights NAME")
     candidates = [name.strip() for name in args.candidates.split(",")] if args.candidates else CANDIDATE_NAMES
     task = checkpoint_task(args.checkpoint)
-    model, record, agreement, (calibration, held_out, labels), _ = TASK_INPUTS[task](args)
+    model, record, agreement, (calibration, held_out, labels) = TASK_INPUTS[task](args)
     print(f"deploying a {task} model: {len(calibration)} calibration images, {len(held_out)} held-out images, "
           f"batch {args.batch_size}; accepted: {agreement.bound}", flush=True)
     selection = choose_deployment(model, calibration, held_out, labels, batch_size=args.batch_size,

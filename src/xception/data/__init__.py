@@ -8,7 +8,15 @@
   (:class:`ClassificationTransform`), and the training and evaluation transforms of training runs.
 """
 
-from .datasets import IMAGE_EXTENSIONS, ImageDataset, ResumableSampler, SampleKey, collate_skipping, resolve_class
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    ResumableSampler,
+    SampleKey,
+    collate_skipping,
+    readable_samples,
+    resolve_class,
+)
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from .segmentation import (
     IGNORE_INDEX,
@@ -52,6 +60,7 @@ __all__ = [
     "median_frequency_weights",
     "open_image",
     "read_classes",
+    "readable_samples",
     "resolve_class",
     "sample_labels",
     "train_transform",

@@ -13,11 +13,11 @@ import hashlib
 import logging
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -351,6 +351,12 @@ def _stored_as_grayscale(path: Path) -> bool | None:
             return image.mode in _GRAYSCALE_MODES
     except Exception:
         return None
+
+
+def readable_samples(dataset: Any, indices: Iterable[int]) -> list[Any]:
+    """The samples of ``dataset`` at ``indices`` that could be read (a dataset returns None for a corrupt file)."""
+    samples = (dataset[SampleKey(0, index)] for index in indices)
+    return [sample for sample in samples if sample is not None]
 
 
 def collate_skipping(batch: Sequence[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:

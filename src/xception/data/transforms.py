@@ -263,6 +263,14 @@ def eval_transform(img_size: int, in_chans: int, resize_ratio: float = 1.0) -> T
     return v2.Compose([_ToImageTensor(in_chans), resize, _Normalize()])
 
 
+def eval_transform_description(img_size: int, in_chans: int, resize_ratio: float = 1.0) -> dict[str, Any]:
+    """:func:`eval_transform`'s settings as a preprocessing record (what a run's model card, ONNX metadata and
+    deploy.json record); :func:`transform_from_preprocessing` turns it back into the same transform."""
+    resize: int | list[int] = [img_size, img_size] if resize_ratio == 1.0 else round(img_size * resize_ratio)
+    return {"resize_size": resize, "crop_size": img_size, "interpolation": "bilinear", "mean": [0.5] * in_chans,
+            "std": [0.5] * in_chans, "eval_resize_ratio": resize_ratio}
+
+
 def transform_from_preprocessing(settings: dict[str, Any]) -> Transform:
     """The evaluation transform a preprocessing record describes (a save_pretrained config's, a deploy.json's).
 
