@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from xception.benchmark import results_from_json
 from xception.benchmark.selection import choose_deployment
 from xception.cli import main
 from xception.data import load_fashion_mnist
@@ -180,3 +181,30 @@ def test_deploy_command_and_predict_with_the_deployed_folder(trained, tmp_path, 
     save_pretrained(run, tmp_path / "shared")
     assert main(["deploy", "--checkpoint", str(tmp_path / "shared"), "--output", str(tmp_path / "x")]) == 2
     assert "give --calibration DATA" in capsys.readouterr().err
+
+
+def test_benchmark_of_a_trained_run_reports_each_runtime_s_agreement_on_real_images(trained, monkeypatch, capsys):
+    """``benchmark --compare --checkpoint``: the run's model, its deployed forms and its other runtimes timed on real
+    images at the run's size, each with its top-1 agreement with the eager fp32 model on held-out images. OpenVINO's
+    outputs are negated here (so its top-1 is fp32's bottom-1): its rows must disagree, which they can only if each
+    row's agreement is measured on that candidate's own outputs."""
+    run, _, _ = trained
+    forward = OpenVinoModel.forward
+    monkeypatch.setattr(OpenVinoModel, "forward", lambda self, x: -forward(self, x))
+    common = ["benchmark", "--checkpoint", str(run), "--compare", "--batch-size", "4", "--calibration-images", "32",
+              "--held-out-images", "50", "--warmup", "0", "--repeats", "1", "--iterations", "1"]
+    assert main([*common, "--deploy", "fp32", "--peers", "onnxruntime,openvino", "--format", "json"]) == 0
+    printed = capsys.readouterr().out
+    results = {result.candidate: result for result in results_from_json(printed[printed.index("\n[") + 1:])}
+    assert "50 held-out images" in printed
+    assert set(results) == {"xception", "xception deploy", "onnxruntime fp32", "onnxruntime int8", "openvino fp32",
+                            "openvino int8"}
+    assert all(r.img_size == (28, 28) and r.batch_size == 4 and r.images_per_s for r in results.values())
+    assert results["xception"].agreement == 1.0  # the reference itself
+    assert results["xception deploy"].agreement >= 0.98 and results["onnxruntime fp32"].agreement >= 0.98
+    assert 0.9 <= results["onnxruntime int8"].agreement <= 1.0
+    assert results["openvino fp32"].agreement < 0.5 and results["openvino int8"].agreement < 0.5
+
+    # The other implementations of the paper's network do not carry the run's weights.
+    assert main([*common, "--peers", "timm"]) == 2
+    assert "cannot run a trained model's weights" in capsys.readouterr().err

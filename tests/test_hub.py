@@ -21,6 +21,7 @@ from torch import nn
 import xception
 from xception.cli import main
 from xception.data import FASHION_MNIST_CLASSES, eval_transform, load_fashion_mnist
+from xception.deploy import read_record
 from xception.errors import InvalidArgumentError, WeightFileError
 from xception.hardware import simulate
 from xception.hub import run_metrics
@@ -261,6 +262,19 @@ def test_predict_with_hub_weights(run_dir: Path, tmp_path: Path, stand_in: HubSt
         from_folder = json.loads(capsys.readouterr().out)
     assert from_hub["predictions"] == from_run["predictions"] == from_folder["predictions"]
     assert from_hub["predictions"][0]["class"] in FASHION_MNIST_CLASSES
+
+    # deploy --weights: a Hub repository names no data folder of its own, so the calibration data is asked for.
+    assert main(["deploy", "--weights", "hf-hub:me/fashion", "--output", str(tmp_path / "x")]) == 2
+    assert "give --calibration DATA" in capsys.readouterr().err
+    deployed = tmp_path / "deployed"
+    assert main(["deploy", "--weights", "hf-hub:me/fashion", "--calibration", "fashion-mnist", "--candidates",
+                 "torch fp32", "--calibration-images", "16", "--held-out-images", "20", "--repeats", "1",
+                 "--output", str(deployed)]) == 0
+    assert "chosen: torch fp32" in capsys.readouterr().out
+    assert read_record(deployed)["source"] == "xception hf-hub:me/fashion"
+    assert main(["predict", "--deployed", str(deployed), str(image), "--json", "--top-k", "2"]) == 0
+    from_deployed = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["class"] for p in from_deployed] == [p["class"] for p in from_hub["predictions"]]
 
 
 # --- push ---------------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_keras_peer_skips_with_a_reason(monkeypatch: pytest.MonkeyPatch, keras_m
     monkeypatch.setitem(sys.modules, "keras", keras_module)
     monkeypatch.setenv("KERAS_BACKEND", backend)
     with pytest.raises(benchmark.PeerUnavailable, match=reason):
-        benchmark.PEERS["keras"](dataclasses.replace(CONFIG, mode=mode))
+        benchmark.PEERS["keras"](dataclasses.replace(CONFIG, mode=mode), None)
 
 
 def test_unknown_peer_raises() -> None:

@@ -51,8 +51,9 @@ def test_markdown_table() -> None:
     assert len(rows) == 3
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert cells[:9] == ["xception", "contiguous", "inference", "fp32", "1", "299x299", "10.00", "100.00", "120.00"]
-    assert cells[9:] == ["1.25", "1.00", "12.5", "22.86M", "8.37", "120", "-", ""]
+    assert cells[9:] == ["1.25", "1.00", "-", "12.5", "22.86M", "8.37", "120", "-", ""]  # no agreement measured
     assert "| 16.7 |" in rows[1]  # % of peak computed from the limits: 2 * 8.367 GMACs * 10 img/s / 1000 GFLOP/s
     assert "| 31.5 | contiguous: 7.5 img/s |" in rows[1]
     assert rows[2].endswith("| skipped: keras cannot be imported (No module named 'keras') |")
     assert "Machine limit" not in results_to_markdown(RESULTS)
+    assert "| 1.00 | 99.50% |" in results_to_markdown([dataclasses.replace(RESULTS[0], agreement=0.995)])

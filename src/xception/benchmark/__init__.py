@@ -6,7 +6,7 @@
 - :mod:`.report`: Markdown, JSON and CSV output.
 """
 
-from .peers import PEERS, PeerUnavailable, compare
+from .peers import PEERS, PeerUnavailable, RealImages, compare
 from .report import results_from_json, results_to_csv, results_to_json, results_to_markdown
 from .timing import (
     BenchmarkConfig,
@@ -25,6 +25,7 @@ __all__ = [
     "Candidate",
     "PeakMemory",
     "PeerUnavailable",
+    "RealImages",
     "Result",
     "compare",
     "machine_limits",

@@ -4,6 +4,10 @@ The peers are other implementations (timm, Keras, torchvision's Inception V3 for
 runtimes of the same network (ONNX Runtime, OpenVINO: a row per precision). They are optional: one that is not
 installed, or cannot run in this configuration, comes back from :func:`compare` as a :class:`~.timing.Result` with
 ``skipped`` set to the reason.
+
+Given a trained model and real images (:class:`RealImages`), :func:`compare` times that model, ours deployed and the
+other runtimes of it on a real batch, calibrates int8 on real images, and reports beside each speed the share of
+held-out images on which the candidate agrees with the eager fp32 model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..models import create_model
 from ..precision import autocast
+from .selection import batched_outputs, timed_batch
 from .timing import (
     BenchmarkConfig,
     Candidate,
@@ -42,7 +47,43 @@ class PeerUnavailable(Exception):
     """A peer that cannot run here; :func:`compare` reports it as skipped with this message."""
 
 
-def _timm_candidates(config: BenchmarkConfig) -> list[Candidate]:
+@dataclasses.dataclass
+class RealImages:
+    """A trained model and real images for :func:`compare`, preprocessed as for evaluation (NCHW): int8 calibrates
+    on ``calibration`` (whose first batch is the timed batch), and each candidate's agreement with the model's eager
+    fp32 outputs is measured on ``held_out`` (with its ``labels``) by ``agreement``, a
+    :class:`~xception.deploy.TopOneAgreement` or :class:`~xception.deploy.MeanIoUAgreement`."""
+
+    model: nn.Module
+    calibration: torch.Tensor
+    held_out: torch.Tensor
+    labels: torch.Tensor
+    agreement: Any
+
+
+@dataclasses.dataclass
+class Workload:
+    """What the candidates of one :func:`compare` built from our model share: the model (as created, or trained),
+    the timed batch and int8's calibration batches."""
+
+    model: nn.Module
+    x: torch.Tensor
+    calibration: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, config: BenchmarkConfig, real: RealImages | None) -> Workload:
+        """Random images for ``config.model`` as created, or ``real``'s model and images."""
+        if real is None:
+            model = create_model(config.model, **config.model_options).eval()
+            x = torch.randn(config.batch_size, getattr(model, "in_chans", 3), *config.img_size, device=config.device)
+            # Random calibration images: the speed of an int8 model does not depend on its activation ranges.
+            return cls(model, x, [torch.randn_like(x) for _ in range(4)])
+        x = timed_batch(real.calibration, config.batch_size).to(config.device)
+        calibration = [batch.to(config.device) for batch in real.calibration.split(max(config.batch_size, 16))]
+        return cls(real.model.to(config.device).eval(), x, calibration)
+
+
+def _timm_candidates(config: BenchmarkConfig, workload: Workload) -> list[Candidate]:
     """timm's port of the Cadene/Keras Xception, in both layouts: compare() keeps the faster."""
     try:
         import timm
@@ -53,7 +94,7 @@ def _timm_candidates(config: BenchmarkConfig) -> list[Candidate]:
             for channels_last in (False, True)]
 
 
-def _keras_candidates(config: BenchmarkConfig) -> list[Candidate]:
+def _keras_candidates(config: BenchmarkConfig, workload: Workload) -> list[Candidate]:
     """keras.applications.Xception on the PyTorch backend, eager, NHWC input, ``model(x, training=False)``."""
     if config.mode != "inference":
         raise PeerUnavailable("the keras peer is timed in inference mode only")
@@ -86,7 +127,7 @@ def _import_keras() -> Any:
     return keras
 
 
-def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
+def _inception_candidates(config: BenchmarkConfig, workload: Workload) -> list[Candidate]:
     """torchvision's Inception V3 at 299x299, for the paper's Table 3 (parameters, relative training speed)."""
     try:
         from torchvision.models import inception_v3
@@ -96,12 +137,11 @@ def _inception_candidates(config: BenchmarkConfig) -> list[Candidate]:
     return [module_candidate("torchvision inception_v3", model, config, img_size=INCEPTION_SIZE)]
 
 
-def _runtime_candidates(runtime: str) -> Callable[[BenchmarkConfig], list[Candidate]]:
-    """The same network run by another runtime (``onnxruntime``, ``openvino``), as ``xception deploy`` builds it,
-    at each precision this machine runs natively; int8 calibrated on random images, as ours is here (the speed does
-    not depend on the activation ranges; agreement on real images is ``xception deploy``'s record)."""
+def _runtime_candidates(runtime: str) -> Callable[[BenchmarkConfig, Workload], list[Candidate]]:
+    """Our model run by another runtime (``onnxruntime``, ``openvino``), as ``xception deploy`` builds it, at each
+    precision this machine runs natively; int8 calibrated on the workload's calibration images."""
 
-    def candidates(config: BenchmarkConfig) -> list[Candidate]:
+    def candidates(config: BenchmarkConfig, workload: Workload) -> list[Candidate]:
         from ..deploy import CANDIDATES
 
         if config.mode != "inference" or config.device != "cpu":
@@ -110,21 +150,19 @@ def _runtime_candidates(runtime: str) -> Callable[[BenchmarkConfig], list[Candid
         reasons = {c.name: c.unavailable() for c in chosen}
         if all(reasons.values()):
             raise PeerUnavailable("; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
-        model = create_model(config.model, **config.model_options).eval()
-        height, width = config.img_size
-        in_chans = getattr(model, "in_chans", 3)
-        x = torch.randn(config.batch_size, in_chans, height, width)
-        calibration = [torch.randn_like(x) for _ in range(4)]
-        params, macs = count_params_and_macs(model, (height, width), in_chans)
+        model, x = workload.model, workload.x
+        params, macs = count_params_and_macs(model, config.img_size, getattr(model, "in_chans", 3))
         with tempfile.TemporaryDirectory(prefix="xception-deploy-") as workdir:
-            built = [(c, c.build(model, x, calibration, Path(workdir))) for c in chosen if reasons[c.name] is None]
-        return [Candidate(c.name, "NCHW", lambda runner=runner: runner(x), (height, width), params=params, macs=macs,
-                          precision=c.precision) for c, runner in built]
+            built = [(c, c.build(model, x, workload.calibration, Path(workdir)))
+                     for c in chosen if reasons[c.name] is None]
+        return [Candidate(c.name, "NCHW", lambda runner=runner: runner(x), config.img_size, params=params, macs=macs,
+                          precision=c.precision, predict=runner) for c, runner in built]
 
     return candidates
 
 
-PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
+RUNTIME_PEERS = ("onnxruntime", "openvino")  # the peers that run our model, so its weights: agreement applies
+PEERS: dict[str, Callable[[BenchmarkConfig, Workload], list[Candidate]]] = {
     "timm": _timm_candidates,
     "keras": _keras_candidates,
     "inception_v3": _inception_candidates,
@@ -133,60 +171,78 @@ PEERS: dict[str, Callable[[BenchmarkConfig], list[Candidate]]] = {
 }
 
 
-def _deployed_candidate(name: str, module: nn.Module, config: BenchmarkConfig, candidate: str) -> Candidate:
+def _deployed_candidate(name: str, config: BenchmarkConfig, workload: Workload, candidate: str) -> Candidate:
     """Ours as :func:`xception.deploy.optimize_for_inference` makes it for ``candidate`` (a precision, with
     "+compile" to compile), fed the same contiguous NCHW float batch as the eager candidates (its own cast and
     layout change are part of its time)."""
     from ..deploy import optimize_for_inference
 
-    height, width = config.img_size
-    in_chans = getattr(module, "in_chans", 3)
-    module.to(config.device).eval()
-    params, macs = count_params_and_macs(module, (height, width), in_chans)
-    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    module, x = workload.model.to(config.device).eval(), workload.x
+    params, macs = count_params_and_macs(module, config.img_size, getattr(module, "in_chans", 3))
     precision, _, compile = candidate.partition("+")
-    # Random calibration images: the speed of the int8 model does not depend on its activation ranges.
-    calibration = [torch.randn_like(x) for _ in range(4)] if precision == "int8" else None
+    calibration = workload.calibration if precision == "int8" else None
     deployed = optimize_for_inference(module, precision, calibration, example_input=x, compile=bool(compile))
     compiled = "compile_s" in deployed.report
     return Candidate(f"{name} deploy{' compiled' if compiled else ''}",
                      "channels_last" if deployed.channels_last else "contiguous",
-                     lambda: deployed(x), (height, width), params=params, macs=macs, compiled=compiled,
-                     precision=precision, compile_s=deployed.report.get("compile_s"))
+                     lambda: deployed(x), config.img_size, params=params, macs=macs, compiled=compiled,
+                     precision=precision, compile_s=deployed.report.get("compile_s"), predict=deployed)
 
 
 def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "inception_v3"), *,
-            limits: dict[str, Any] | None = None) -> list[Result]:
+            limits: dict[str, Any] | None = None, real: RealImages | None = None) -> list[Result]:
     """Time ``config.model`` and its peers interleaved in one process: ours first, then ours deployed at each
     ``config.deploy`` precision, then each peer in order.
 
     timm is timed in both layouts and reported in the faster (the other's speed goes in ``note``). Each
     result gets ``ratio_vs_timm`` (its throughput over timm's best) and ``ratio_vs_ours``; a peer that cannot
-    run is a result with ``skipped`` set.
+    run is a result with ``skipped`` set. With ``real``, ours is ``real.model`` (``config.img_size`` and batch are
+    the real images'), the peers can only be other runtimes of it (:data:`RUNTIME_PEERS`), and every row gets its
+    ``agreement`` with the eager fp32 model on ``real.held_out``.
     """
     unknown = [peer for peer in peers if peer not in PEERS]
     if unknown:
         raise InvalidArgumentError(f"unknown peer(s) {unknown}; available peers: {', '.join(PEERS)}")
+    foreign = [peer for peer in peers if peer not in RUNTIME_PEERS]
+    if real is not None and foreign:
+        raise InvalidArgumentError(f"{', '.join(foreign)} cannot run a trained model's weights: with real images the "
+                                   f"peers are other runtimes of the model ({', '.join(RUNTIME_PEERS)})")
     check_device(config.device)
     with intra_op_threads(config.num_threads):
-        model = create_model(config.model, **config.model_options)
+        workload = Workload.of(config, real)
+        reference = None if real is None else batched_outputs(workload.model, real.held_out.to(config.device),
+                                                              config.batch_size)
         # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
         groups: list[list[Candidate] | Result] = [
-            [_deployed_candidate(config.model, model, config, candidate)] for candidate in config.deploy]
-        # Ours is timed first but prepared last: module_candidate changes the model's layout in place, and the
-        # deployed candidates are made from the model as created.
-        groups.insert(0, [module_candidate(config.model, model, config)])
+            [_deployed_candidate(config.model, config, workload, candidate)] for candidate in config.deploy]
         for peer in peers:
             try:
-                candidates = PEERS[peer](config)
+                candidates = PEERS[peer](config, workload)
             except PeerUnavailable as reason:
                 groups.append(_skipped_result(peer, config, str(reason)))
                 continue
             # Candidates of one name are one model in several layouts (timm's); other names are rows of their own.
             groups += [list(group) for _, group in itertools.groupby(candidates, key=lambda c: c.name)]
-        measured = iter(run_interleaved([c for group in groups if isinstance(group, list) for c in group], config))
+        # Ours is timed first but prepared last: module_candidate changes the model's layout in place, and the
+        # other candidates are made from the model as created.
+        groups.insert(0, [module_candidate(config.model, workload.model, config, example=workload.x)])
+        timed = [c for group in groups if isinstance(group, list) for c in group]
+        measured = iter(run_interleaved(timed, config))
+        if real is not None:
+            measured = iter([_with_agreement(result, candidate, real, reference, config)
+                             for result, candidate in zip(measured, timed, strict=True)])
     results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
     return [with_peak_fraction(result, limits, config) for result in _with_ratios(results)]
+
+
+def _with_agreement(result: Result, candidate: Candidate, real: RealImages, reference: torch.Tensor,
+                    config: BenchmarkConfig) -> Result:
+    """``result`` with the share of held-out images on which ``candidate`` agrees with the eager fp32 model."""
+    if candidate.predict is None:
+        return result
+    outputs = batched_outputs(candidate.predict, real.held_out.to(config.device), config.batch_size)
+    measured = real.agreement.measure(reference, outputs, real.labels)
+    return dataclasses.replace(result, agreement=measured["agreement"])
 
 
 def _fastest(group: list[Result]) -> Result:

@@ -12,7 +12,7 @@ from typing import Any
 from .timing import Result, peak_fraction
 
 MARKDOWN_COLUMNS = ("candidate", "layout", "mode", "precision", "batch", "size", "img/s", "p50 ms", "p90 ms",
-                    "vs timm", "vs ours", "% of peak", "params", "GMACs", "peak MB", "compile s", "note")
+                    "vs timm", "vs ours", "agreement", "% of peak", "params", "GMACs", "peak MB", "compile s", "note")
 
 
 def results_to_markdown(results: Sequence[Result], limits: dict[str, Any] | None = None) -> str:
@@ -34,6 +34,7 @@ def results_to_markdown(results: Sequence[Result], limits: dict[str, Any] | None
             result.candidate, result.layout, result.mode, result.precision, str(result.batch_size),
             "x".join(map(str, result.img_size)), _fmt(result.images_per_s, ".2f"), _fmt(result.p50_ms, ".2f"),
             _fmt(result.p90_ms, ".2f"), _fmt(result.ratio_vs_timm, ".2f"), _fmt(result.ratio_vs_ours, ".2f"),
+            _fmt(None if result.agreement is None else 100 * result.agreement, ".2f", "%"),
             _fmt(None if fraction is None else 100 * fraction, ".1f"),
             _fmt(None if result.params is None else result.params / 1e6, ".2f", "M"),
             _fmt(None if result.macs is None else result.macs / 1e9, ".2f"), _fmt(result.peak_memory_mb, ".0f"),

@@ -57,11 +57,9 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
     """
     model = model.eval()
     agreement = agreement or AGREEMENTS[getattr(model, "task", "classification")]()
-    example = calibration[:batch_size]
-    if len(example) < batch_size:
-        example = example.repeat((batch_size + len(example) - 1) // len(example), 1, 1, 1)[:batch_size]
+    example = timed_batch(calibration, batch_size)
     calibration_batches = list(calibration.split(max(batch_size, 16)))
-    reference = _outputs(model, held_out, batch_size)
+    reference = batched_outputs(model, held_out, batch_size)
 
     rows: list[dict[str, Any]] = []
     built: dict[str, RuntimeModel] = {}
@@ -70,7 +68,7 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
             rows.append(_build(get_candidate(name), model, example, calibration_batches, Path(workdir), built))
     for row in (row for row in rows if row["candidate"] in built):
         try:
-            outputs = _outputs(built[row["candidate"]], held_out, batch_size)
+            outputs = batched_outputs(built[row["candidate"]], held_out, batch_size)
         except Exception as error:  # as for a build: recorded, the others still run
             del built[row["candidate"]]
             row.update(status="failed", reason=_failure(row["candidate"], error))
@@ -113,10 +111,17 @@ def _failure(name: str, error: Exception) -> str:
     return f"{type(error).__name__}: {error}".strip()[:500]
 
 
+def timed_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The first ``batch_size`` of ``images``, repeated where there are fewer: the batch a candidate is timed on."""
+    repeats = -(-batch_size // len(images))
+    return images.repeat(repeats, 1, 1, 1)[:batch_size] if repeats > 1 else images[:batch_size]
+
+
 @torch.no_grad()
-def _outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's float32 outputs on ``images``, in batches of ``batch_size`` (the size it is made for)."""
-    return torch.cat([model(batch).float() for batch in images.split(batch_size)])
+def batched_outputs(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's float32 outputs on ``images``, in batches of ``batch_size`` (the size it is made for), on the
+    CPU (where the labels are)."""
+    return torch.cat([model(batch).float().cpu() for batch in images.split(batch_size)])
 
 
 def _time(built: dict[str, RuntimeModel], rows: list[dict[str, Any]], example: torch.Tensor, repeats: int,

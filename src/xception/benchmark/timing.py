@@ -141,6 +141,7 @@ class Result:
     ratio_vs_timm: float | None = None  # images_per_s / the better timm layout's images_per_s
     ratio_vs_ours: float | None = None  # images_per_s / our model's (Table 3: relative training speed)
     fraction_of_peak: float | None = None  # achieved FLOP/s / matmul FLOP/s from machine_limits
+    agreement: float | None = None  # share of held-out real images (labelled pixels) whose class is eager fp32's
     note: str = ""  # e.g. the throughput of timm's other layout
     skipped: str | None = None  # why the candidate did not run
     machine: str = ""  # xception.hardware.probe().line(): where the figure was measured
@@ -160,6 +161,7 @@ class Candidate:
     compiled: bool = False
     precision: str | None = None  # None: the config's
     compile_s: float | None = None  # when compiled before the benchmark (deploy); else timed at the first call
+    predict: Callable[[torch.Tensor], torch.Tensor] | None = None  # outputs of other inputs, to check agreement
 
 
 def measure(model: nn.Module | Callable[[], nn.Module] | None, config: BenchmarkConfig, *, name: str | None = None,
@@ -337,10 +339,11 @@ class PeakMemory:
 
 
 def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, channels_last: bool | None = None,
-                     img_size: tuple[int, int] | None = None) -> Candidate:
+                     img_size: tuple[int, int] | None = None, example: torch.Tensor | None = None) -> Candidate:
     """A PyTorch image classifier or segmentation model (NCHW input, logits output) prepared as ``config`` says.
 
-    ``channels_last`` and ``img_size`` override the config, for peers timed in both layouts or at their own size.
+    ``channels_last`` and ``img_size`` override the config, for peers timed in both layouts or at their own size;
+    ``example`` is the timed batch (default: random images).
     """
     channels_last = config.channels_last if channels_last is None else channels_last
     height, width = img_size or config.img_size
@@ -349,16 +352,19 @@ def module_candidate(name: str, module: nn.Module, config: BenchmarkConfig, *, c
     params, macs = count_params_and_macs(module, (height, width), in_chans)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module.to(memory_format=memory_format)
-    x = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
-    x = x.contiguous(memory_format=memory_format)
+    if example is None:
+        example = torch.randn(config.batch_size, in_chans, height, width, device=config.device)
+    x = example.contiguous(memory_format=memory_format)
     runner = torch.compile(module) if config.compile else module
+    predict = None
     if config.mode == "train":
         step = _train_step(module, runner, x, config)
     else:
         module.eval()
         step = _inference_step(runner, x, config)
+        predict = _forward(runner, config)
     return Candidate(name, "channels_last" if channels_last else "contiguous", step, (height, width),
-                     params=params, macs=macs, compiled=config.compile)
+                     params=params, macs=macs, compiled=config.compile, predict=predict)
 
 
 def count_params_and_macs(module: nn.Module, size: tuple[int, int], in_chans: int) -> tuple[int, int | None]:
@@ -372,11 +378,21 @@ def count_params_and_macs(module: nn.Module, size: tuple[int, int], in_chans: in
 
 def _inference_step(model: Callable[[torch.Tensor], Any], x: torch.Tensor,
                     config: BenchmarkConfig) -> Callable[[], object]:
+    forward = _forward(model, config)
+
     def step() -> object:
+        return forward(x)
+
+    return step
+
+
+def _forward(model: Callable[[torch.Tensor], Any], config: BenchmarkConfig) -> Callable[[torch.Tensor], Any]:
+    """The model's inference at the config's precision."""
+    def forward(x: torch.Tensor) -> Any:
         with torch.inference_mode(), autocast(config.device, config.precision):
             return model(x)
 
-    return step
+    return forward
 
 
 def _train_step(module: nn.Module, runner: nn.Module, x: torch.Tensor,

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError, XceptionError
-from ..files import write_text_atomic
 from ..models import list_models
-from ..precision import AUTO, DEPLOY_PRECISIONS, TRAINING_PRECISIONS
+from ..precision import AUTO, DEPLOY_PRECISIONS
+from .benchmark import add_benchmark_command
 from .deploy import add_deploy_command
 from .env import add_env_command
 from .results import report_file_results
@@ -105,33 +105,6 @@ def command_convert(args: argparse.Namespace) -> int:
     numerics = model.architecture().get("numerics")
     print(f"{args.source} ({file_format}) -> {args.destination}: {args.model}, num_classes={model.num_classes}"
           + (f", numerics={numerics}" if numerics else ""))
-    return 0
-
-
-def command_benchmark(args: argparse.Namespace) -> int:
-    """Speed of one configuration, or of ours against the peers measured interleaved in the same run."""
-    from .. import benchmark
-
-    if args.compare and (args.model != "xception" or args.set):
-        raise InvalidArgumentError("--compare measures the paper's network against the peers' implementations of "
-                                   "it: use --model xception without --set")
-    config = benchmark.BenchmarkConfig(
-        model=args.model, model_options=parse_options(args.set), batch_size=args.batch_size, img_size=args.img_size,
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile, mode=args.mode,
-        warmup=args.warmup, repeats=args.repeats, iterations=args.iterations, device=args.device,
-        num_threads=args.threads, deploy=tuple(p for p in args.deploy.split(",") if p))
-    limits = benchmark.machine_limits(device=args.device, num_threads=args.threads) if args.limits else None
-    if args.compare or config.deploy:
-        peers = tuple(p for p in args.peers.split(",") if p) if args.compare else ()
-        results = benchmark.compare(config, peers=peers, limits=limits)
-    else:
-        results = [benchmark.measure(None, config, limits=limits)]
-    formats = {"markdown": lambda r: benchmark.results_to_markdown(r, limits), "json": benchmark.results_to_json,
-               "csv": benchmark.results_to_csv}
-    text = formats[args.format](results)
-    if args.output:
-        write_text_atomic(args.output, text + "\n")
-    print(text)
     return 0
 
 
@@ -336,36 +309,6 @@ def add_predict_command(commands: Any) -> None:
                       help="run the deployed model at this precision (auto: bf16 where the CPU runs it natively, else "
                            "fp32; BN folded; not compiled except for int8, which is calibrated on the given images)")
     pred.set_defaults(run=command_predict)
-
-
-def add_benchmark_command(commands: Any) -> None:
-    bench = commands.add_parser("benchmark", help="throughput, latency and memory, optionally against the peers")
-    bench.add_argument("--model", default="xception", choices=list_models())
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="architecture option")
-    bench.add_argument("--batch-size", type=at_least(1), default=1)
-    bench.add_argument("--img-size", type=at_least(1), default=299)
-    bench.add_argument("--precision", choices=(AUTO, *TRAINING_PRECISIONS), default=AUTO,
-                       help="autocast precision of the eager candidates (auto: the fastest this machine runs "
-                            "natively)")
-    bench.add_argument("--deploy", default="", metavar="CANDIDATES",
-                       help="also time ours as optimize_for_inference makes it, for each of these comma-separated "
-                            "candidates: fp32, bf16, int8 (always compiled), fp32+compile, bf16+compile "
-                            "(inference only)")
-    bench.add_argument("--channels-last", action="store_true")
-    bench.add_argument("--compile", action="store_true", help="torch.compile (compile time is reported)")
-    bench.add_argument("--mode", choices=("inference", "train"), default="inference")
-    bench.add_argument("--warmup", type=at_least(0), default=3)
-    bench.add_argument("--repeats", type=at_least(1), default=5, help="timed runs; the median is reported")
-    bench.add_argument("--iterations", type=at_least(1), default=10, help="iterations per timed run")
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads")
-    bench.add_argument("--compare", action="store_true", help="also measure the peers, interleaved with ours")
-    bench.add_argument("--peers", default="timm,keras,inception_v3",
-                       help="comma-separated peers for --compare: timm, keras, inception_v3, onnxruntime, openvino")
-    bench.add_argument("--limits", action="store_true", help="measure matmul GFLOP/s and report %% of peak")
-    bench.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
-    bench.add_argument("--output", type=Path, default=None, help="also write the table to this file")
-    bench.set_defaults(run=command_benchmark)
 
 
 def add_export_command(commands: Any) -> None:

@@ -79,18 +79,23 @@ def segmenter_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any
 TASK_INPUTS = {"classification": classifier_inputs, "segmentation": segmenter_inputs}
 
 
+def model_and_images(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, Any]:
+    """The model of ``--checkpoint``/``--weights``, as its task's inputs function gives it (see
+    :func:`classifier_inputs`)."""
+    if (args.checkpoint is None) == (args.weights is None):
+        raise InvalidArgumentError("give either --checkpoint RUN or --weights NAME")
+    return TASK_INPUTS[checkpoint_task(args.checkpoint)](args)
+
+
 def command_deploy(args: argparse.Namespace) -> int:
     """Build every candidate, check and time it, write the winner; exit 1 when no candidate agrees with fp32."""
     from ..benchmark.selection import choose_deployment
     from ..deploy import CANDIDATE_NAMES, write_deployment
 
-    if (args.checkpoint is None) == (args.weights is None):
-        raise InvalidArgumentError("give either --checkpoint RUN or --weights NAME")
     candidates = [name.strip() for name in args.candidates.split(",")] if args.candidates else CANDIDATE_NAMES
-    task = checkpoint_task(args.checkpoint)
-    model, record, agreement, (calibration, held_out, labels) = TASK_INPUTS[task](args)
-    print(f"deploying a {task} model: {len(calibration)} calibration images, {len(held_out)} held-out images, "
-          f"batch {args.batch_size}; accepted: {agreement.bound}", flush=True)
+    model, record, agreement, (calibration, held_out, labels) = model_and_images(args)
+    print(f"deploying a {record['task']} model: {len(calibration)} calibration images, {len(held_out)} held-out "
+          f"images, batch {args.batch_size}; accepted: {agreement.bound}", flush=True)
     selection = choose_deployment(model, calibration, held_out, labels, batch_size=args.batch_size,
                                   candidates=candidates, agreement=agreement, repeats=args.repeats)
     record |= {"source": args.checkpoint or f"{args.model} {args.weights}", **selection.record}
