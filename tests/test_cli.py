@@ -253,7 +253,8 @@ def test_every_train_flag_reaches_train_config() -> None:
     argv = ["train", "--data", "folder", "--recipe", "finetune", "--model", "xception41", "--set", "middle_repeats=4",
             "--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--optimizer", "sgd", "--weight-decay", "0.002",
             "--img-size", "64", "--weights", "tf_in1k",
-            "--freeze-epochs", "1", "--freeze-lr-scale", "20", "--layer-decay", "0.8", "--no-freeze-bn",
+            "--head-steps", "10", "--min-steps", "50", "--freeze-lr-scale", "20", "--layer-decay", "0.8",
+            "--no-freeze-bn",
             "--augment", "randaugment", "--mixup", "0.2", "--cutmix", "1.0", "--random-erasing", "0.25",
             "--class-weights", "balanced",
             "--freeze", "^blocks\\.block1\\.", "--output", "out", "--resume", "--seed", "3", "--deterministic",
@@ -268,7 +269,7 @@ def test_every_train_flag_reaches_train_config() -> None:
         "randaugment", False, False, "tf_in1k")
     assert (config.mixup, config.cutmix, config.random_erasing, config.class_weights) == (0.2, 1.0, 0.25, "balanced")
     assert (config.classes, config.train_per_class, config.freeze) == ("a,b", 4, "^blocks\\.block1\\.")
-    assert (config.freeze_epochs, config.freeze_lr_scale, config.layer_decay) == (1, 20.0, 0.8)
+    assert (config.head_steps, config.min_steps, config.freeze_lr_scale, config.layer_decay) == (10, 50, 20.0, 0.8)
     assert (config.optimizer, config.weight_decay) == ("sgd", 0.002)
     recipe = config.resolved_recipe()
     assert (recipe.name, recipe.optimizer, recipe.weight_decay) == ("finetune", "sgd", 0.002)  # finetune's is adamw

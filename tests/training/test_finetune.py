@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import xception
 from xception.training import TrainConfig, train
 from xception.training import loop as loop_module
-from xception.training.finetune import block_depths, parameter_groups
+from xception.training.finetune import block_depths, parameter_groups, weights_preprocessing
 from xception.training.recipes import get_recipe
 from xception.training.step import optimizer_step
 
@@ -39,13 +39,13 @@ def pretrained(tmp_path_factory) -> Path:
 def finetune(pretrained: Path, output: Path, **overrides) -> dict:
     options = {"data": "fashion-mnist", "recipe": "finetune", "weights": str(pretrained), "model_options": TINY,
                "img_size": 28, "batch_size": 32, "train_subset": 256, "val_subset": 100, "epochs": 2,
-               "freeze_epochs": 1, "precision": "fp32", "deterministic": True, "progress": False, "output": output,
+               "head_steps": 6, "precision": "fp32", "deterministic": True, "progress": False, "output": output,
                **overrides}
     return train(TrainConfig(**options))
 
 
 def test_head_only_phase_leaves_everything_but_the_classifier_bitwise_unchanged(pretrained, tmp_path):
-    finetune(pretrained, tmp_path, epochs=1, freeze_bn=False)
+    finetune(pretrained, tmp_path, epochs=1, head_steps=8, freeze_bn=False)
     before, after = load_file(pretrained), load_file(tmp_path / "last.safetensors")
     backbone = [name for name in before if not name.startswith("head.")]
     assert backbone and all(torch.equal(before[name], after[name]) for name in backbone)
@@ -82,7 +82,9 @@ def test_each_group_learns_at_base_rate_times_decay_to_its_depth():
     assert decayed[id(model.blocks.block1.conv1_bn.weight)] == 0.0
 
 
-@pytest.mark.parametrize("stop_at", [4, 12])  # 8 steps an epoch: in the head-only phase, then in the full one
+# 8 steps an epoch, the first 6 the classifier's alone: stopped in the head-only phase, then in the full one (the
+# phases change mid-epoch)
+@pytest.mark.parametrize("stop_at", [4, 12])
 def test_a_run_interrupted_in_either_phase_resumes_bit_for_bit(pretrained, tmp_path, monkeypatch, stop_at: int):
     finetune(pretrained, tmp_path / "reference")
     original = loop_module.stop_check
@@ -104,7 +106,7 @@ def test_a_run_folder_brings_its_architecture(pretrained, tmp_path):
     finetune(pretrained, first, epochs=1)
     # No model options: the architecture comes from the run's checkpoint.
     result = train(TrainConfig(data="fashion-mnist", recipe="finetune", weights=str(first), img_size=28,
-                               batch_size=32, train_subset=128, val_subset=50, epochs=1, freeze_epochs=1,
+                               batch_size=32, train_subset=128, val_subset=50, epochs=1, head_steps=4,
                                precision="fp32", progress=False, output=tmp_path / "second"))
     assert result["steps"] == 4
     assert load_file(tmp_path / "second" / "last.safetensors")["blocks.block1.conv1.weight"].shape == (8, 1, 3, 3)
@@ -174,3 +176,38 @@ def test_registered_weights_bring_their_own_evaluation_preprocessing(tmp_path):
     file_config = TrainConfig(data=str(tmp_path), recipe="finetune", weights=str(tmp_path / "x.safetensors"))
     _, val = load_split_datasets(file_config, file_config.resolved_recipe())
     assert not isinstance(val.transform, ClassificationTransform)  # a file: the recipe's own evaluation transform
+
+
+def test_a_few_dozen_images_train_at_the_weights_size_with_a_capped_batch_and_the_recipe_s_steps(pretrained,
+                                                                                                  tmp_path):
+    """Nothing set but the data and a run to start from: the run's image size and augmentation (not the recipe's
+    299 pixels and Inception crops), a batch that gives several steps an epoch, and the recipe's floors in steps,
+    all recorded in config.json."""
+    first = tmp_path / "first"
+    train(TrainConfig(data="fashion-mnist", recipe="compact", model_options=TINY, train_subset=64, val_subset=50,
+                      epochs=1, batch_size=32, precision="fp32", progress=False, output=first))
+    options = {"data": "fashion-mnist", "recipe": "finetune", "weights": str(first), "classes": "5,6",
+               "train_per_class": 20, "val_subset": 50, "head_steps": 6, "min_steps": 60, "precision": "fp32",
+               "progress": False}
+    result = train(TrainConfig(**options, output=tmp_path / "second"))
+    recorded = json.loads((tmp_path / "second" / "config.json").read_text())
+    recipe = recorded["recipe"]
+    assert (recipe["img_size"], recipe["augmentation"], recipe["eval_resize_ratio"]) == (28, "compact", 1.0)
+    assert (recipe["batch_size"], recipe["epochs"]) == (10, 15)  # 40 images: 4 steps an epoch, 60 steps
+    assert recorded["steps"] == {"per_epoch": 4, "epochs": 15, "total": 60, "head": 6}
+    assert result["steps"] == 60 and len(result["history"]) == 15
+
+    train(TrainConfig(**options, img_size=32, augmentation="basic", max_steps=1, output=tmp_path / "third"))
+    recipe = json.loads((tmp_path / "third" / "config.json").read_text())["recipe"]
+    assert (recipe["img_size"], recipe["augmentation"]) == (32, "basic")  # what the user sets wins
+
+
+def test_weights_say_the_size_they_were_made_at(pretrained, tmp_path):
+    run = tmp_path / "run"
+    finetune(pretrained, run, epochs=1, img_size=32)
+    assert weights_preprocessing(str(run), "xception") == (
+        {"img_size": 32, "augmentation": "inception", "eval_resize_ratio": 333 / 299}, f"the run {run}")
+    shared = xception.save_pretrained(run, tmp_path / "shared")
+    assert weights_preprocessing(str(shared), "xception")[0] == {"img_size": 32}
+    assert weights_preprocessing("imagenet", "xception")[0] == {"img_size": 299}  # the registered transform's crop
+    assert weights_preprocessing(str(pretrained), "xception") is None  # a bare weight file does not say

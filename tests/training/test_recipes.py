@@ -53,12 +53,13 @@ def test_finetune_recipe_names_its_sources_and_phases():
     recipe = RECIPES["finetune"]
     for source in ("keras.io/guides/transfer_learning", "layer_decay", "linear probe"):
         assert source in recipe.source
-    assert recipe.freeze_epochs > 0 and recipe.freeze_lr_scale > 1 and 0 < recipe.layer_decay < 1
+    assert 0 < recipe.head_steps < recipe.min_steps
+    assert recipe.freeze_lr_scale > 1 and 0 < recipe.layer_decay < 1
 
 
-def test_the_head_only_epochs_run_at_their_own_multiple_of_the_schedule():
-    recipe = get_recipe("finetune", freeze_epochs=2, freeze_lr_scale=10.0, warmup_epochs=0.0)
-    plain = get_recipe("finetune", freeze_epochs=0, warmup_epochs=0.0)
+def test_the_head_only_steps_run_at_their_own_multiple_of_the_schedule():
+    recipe = get_recipe("finetune", head_steps=20, freeze_lr_scale=10.0, warmup_epochs=0.0)
+    plain = get_recipe("finetune", head_steps=0, warmup_epochs=0.0)
     steps_per_epoch, total, batch = 10, 100, recipe.reference_batch_size
     for step in (0, 5, 19):
         assert recipe.learning_rate(step, steps_per_epoch, batch, total) == pytest.approx(

@@ -22,7 +22,6 @@ from xception.errors import InvalidArgumentError
 from xception.models import create_model
 from xception.models.deeplab import DeepLab
 from xception.training import TrainConfig, train
-from xception.training.loop import Distributed
 from xception.training.losses import lovasz_softmax
 from xception.training.recipes import get_recipe
 from xception.training.segmentation import SegmentationTask, build_segmentation_model
@@ -262,13 +261,13 @@ def test_the_scale_range_reaches_the_training_augmentation(data: Path, tmp_path:
     for scale_range, expected in ((None, (0.5, 2.0)), ([0.75, 1.5], (0.75, 1.5))):
         options = config(data, tmp_path, augmentation="deeplab", scale_range=scale_range)
         recipe = options.resolved_recipe()
-        train_set, *_ = SegmentationTask(options).datasets(recipe, Distributed())
+        train_set, *_ = SegmentationTask(options).datasets(recipe)
         assert recipe.scale_range == expected and train_set.transform.scale_range == expected
     with pytest.raises(InvalidArgumentError, match=r"needs 0 < LOW <= HIGH, got 2 1"):
         config(data, tmp_path, scale_range=(2, 1))
     basic = config(data, tmp_path, augmentation="basic", scale_range=(0.75, 1.5))
     with pytest.raises(InvalidArgumentError, match="trains with --augment basic, which does not scale"):
-        SegmentationTask(basic).datasets(basic.resolved_recipe(), Distributed())
+        SegmentationTask(basic).datasets(basic.resolved_recipe())
 
 
 def test_a_run_with_the_lovasz_term_on_a_label_grid_learns(data: Path, tmp_path: Path, monkeypatch,

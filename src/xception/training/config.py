@@ -76,9 +76,11 @@ class TrainConfig:
                                        choices=(8, 16, 32), tasks=SEGMENTATION)
     ignore_index: int = option(255, "label value that the loss and the metrics ignore", minimum=0, maximum=255,
                                tasks=SEGMENTATION)
-    freeze_epochs: int | None = option(None, "epochs that train the classifier alone, the rest frozen (default: "
-                                             "the recipe's)", minimum=0, recipe=True, tasks=CLASSIFICATION)
-    freeze_lr_scale: float | None = option(None, "the learning rate of the classifier-alone epochs, as a multiple of "
+    head_steps: int | None = option(None, "optimizer steps that first train the classifier alone, the rest frozen "
+                                          "(default: the recipe's)", minimum=0, recipe=True, tasks=CLASSIFICATION)
+    min_steps: int | None = option(None, "the fewest optimizer steps a run of the recipe's epochs takes: more "
+                                         "epochs on small data (default: the recipe's)", minimum=0, recipe=True)
+    freeze_lr_scale: float | None = option(None, "the learning rate of the classifier-alone steps, as a multiple of "
                                                  "the schedule's (default: the recipe's)", above=0, recipe=True,
                                            tasks=CLASSIFICATION)
     layer_decay: float | None = option(None, "learning rate x this ** depth, depth in blocks from the classifier "

@@ -28,23 +28,20 @@ if TYPE_CHECKING:
     from .loop import Distributed
 
 
-def build_datasets(config: TrainConfig, recipe: Recipe, distributed: Distributed,
-                   ) -> tuple[ImageDataset, ImageDataset, ResumableSampler, ResumableSampler]:
-    """Train and validation sets and their samplers; errors about the data come here, before any training.
-
-    The training sampler shards in chunks of one batch: the ranks' batches of a step form the same global batch
-    as one process would see."""
+def build_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
+    """Train and validation sets; errors about the data come here, before any training."""
     train, val = load_split_datasets(config, recipe)
     if config.classes is not None or config.train_per_class is not None:
         train = train.subset(config.class_list(), config.train_per_class)
         val = val.subset(config.class_list())
-    return train, val, *samplers(len(train), len(val), config, recipe, distributed)
+    return train, val
 
 
 def samplers(train_size: int, val_size: int, config: TrainConfig, recipe: Recipe,
              distributed: Distributed) -> tuple[ResumableSampler, ResumableSampler]:
-    """The training sampler (shuffled, sharded in chunks of one batch, incomplete batches dropped) and the
-    validation one (in order, sharded), of any task's datasets."""
+    """The training sampler (shuffled, sharded in chunks of one batch, incomplete batches dropped: the ranks'
+    batches of a step form the same global batch as one process would see) and the validation one (in order,
+    sharded), of any task's datasets."""
     train_sampler = ResumableSampler(train_size, shuffle=True, seed=config.seed, rank=distributed.rank,
                                      world_size=distributed.world_size, drop_last=True, chunk=recipe.batch_size)
     val_sampler = ResumableSampler(val_size, shuffle=False, rank=distributed.rank, world_size=distributed.world_size)

@@ -8,21 +8,26 @@ the smaller the step), optionally with the BatchNorm statistics frozen throughou
 
 from __future__ import annotations
 
+import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, WeightFileError
+from ..files import read_json
 from ..models import create_model
 from ..weights import load_weights
 from ..weights.download import WeightsUnavailableError, parse_hub_spec
+from ..weights.loading import registered_weights
 from ..weights.pretrained import is_pretrained_folder, pretrained_folder, read_pretrained
 from .checkpoint import read_architecture
 from .recipes import Recipe
 
 HEAD = "head."
+log = logging.getLogger("xception.train")
 
 
 def build_model(weights: str | None, recipe: Recipe, model_options: dict[str, Any], num_classes: int,
@@ -63,6 +68,44 @@ def saved_architecture(weights: str) -> tuple[str, dict[str, Any], str] | None:
         return None
     config, file = read_pretrained(folder)
     return config.model, config.architecture, str(file)
+
+
+def weights_preprocessing(weights: str, model: str) -> tuple[dict[str, Any], str] | None:
+    """The image size the weights were made at, and from a training run also its augmentation and evaluation
+    resize, with where they were read; None for weights that do not say (a bare weight file, a foreign folder)."""
+    if parse_hub_spec(weights) is None and Path(weights).is_dir() and not is_pretrained_folder(weights):
+        run_config = Path(weights) / "config.json"
+        recipe = read_json(run_config).get("recipe", {}) if run_config.is_file() else {}
+        settings = {key: recipe[key] for key in ("img_size", "augmentation", "eval_resize_ratio") if key in recipe}
+        return (settings, f"the run {weights}") if "img_size" in settings else None
+    registered = registered_weights(model, weights)
+    if registered is not None:
+        crop = registered.transform_config.get("crop_size")
+        return ({"img_size": crop}, f"the {model} {weights} weights") if crop else None
+    if parse_hub_spec(weights) is None and not is_pretrained_folder(weights):
+        return None  # a weight file
+    try:
+        config, _ = read_pretrained(pretrained_folder(weights))
+    except (WeightsUnavailableError, WeightFileError):
+        return None  # not this library's folder, or not reachable: loading the weights says why, if it fails
+    crop = (config.preprocessing or {}).get("crop_size")
+    return ({"img_size": crop}, f"the weights {weights}") if crop else None
+
+
+def adopt_weights_preprocessing(config: Any, recipe: Recipe) -> Recipe:
+    """``recipe`` at the weights' own image size (and a run's augmentation and evaluation resize), where
+    ``config`` (a TrainConfig) starts from weights and leaves these to the recipe; said when it changes them."""
+    found = weights_preprocessing(config.weights, recipe.model) if config.weights is not None else None
+    if found is None:
+        return recipe
+    settings, source = found
+    adopted = {key: value for key, value in settings.items()
+               if getattr(config, key, None) is None and value != getattr(recipe, key)}
+    if adopted:
+        log.info("from %s: %s (the recipe's: %s; set them to choose)", source,
+                 ", ".join(f"{key} {value}" for key, value in adopted.items()),
+                 ", ".join(f"{key} {getattr(recipe, key)}" for key in adopted))
+    return replace(recipe, **adopted)
 
 
 def run_weights(folder: Path) -> Path:

@@ -51,10 +51,11 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import batch_mixer, make_loader
+from .data import batch_mixer, make_loader, samplers
 from .finetune import parameter_groups, set_trainable
 from .metrics import MetricsLogger, plot_history
 from .recipes import OPTIMIZERS, Recipe
+from .run_length import RunLength, fit_batch, fit_epochs
 from .step import forward_backward, optimizer_step
 from .tasks import task_for
 
@@ -239,13 +240,13 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     raise InvalidArgumentError(f"unknown optimizer {recipe.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
 
 
-def start_epoch(trainer: Trainer, run: RunState, config: TrainConfig, recipe: Recipe,
+def start_phase(trainer: Trainer, run: RunState, config: TrainConfig, recipe: Recipe,
                 distributed: Distributed) -> tuple[nn.Module, nn.Module]:
-    """Training mode, and what trains in this epoch's phase (the classifier alone for the first ``freeze_epochs``);
-    returns the module to step and its (DDP-wrapped, compiled) forward. DDP is wrapped per phase: it fixes the
-    set of parameters it reduces when it is built."""
+    """Training mode, and what trains in the phase of this step (the classifier alone for the first
+    ``head_steps``); returns the module to step and its (DDP-wrapped, compiled) forward. DDP is wrapped per phase:
+    it fixes the set of parameters it reduces when it is built."""
     trainer.model.train()
-    set_trainable(trainer.model, head_only=run.epoch < recipe.freeze_epochs, freeze=config.freeze,
+    set_trainable(trainer.model, head_only=run.step < recipe.head_steps, freeze=config.freeze,
                   freeze_bn=recipe.freeze_bn)
     wrapped = DistributedDataParallel(trainer.model) if distributed.world_size > 1 else trainer.model
     return wrapped, torch.compile(wrapped) if config.compile else wrapped
@@ -282,21 +283,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
     recipe, precision = settle_numerics(config, recipe, device, distributed)
 
     task = task_for(config)
-    train_set, val_set, train_sampler, val_sampler = task.datasets(recipe, distributed)
+    recipe = task.adopt_weights_preprocessing(recipe)
+    train_set, val_set = task.datasets(recipe)
+    accumulation = config.grad_accumulation
+    recipe = fit_batch(recipe, len(train_set), explicit=config.batch_size is not None, accumulation=accumulation,
+                       world_size=distributed.world_size)
+    train_sampler, val_sampler = samplers(len(train_set), len(val_set), config, recipe, distributed)
+    batch_size = recipe.batch_size
+    micro_per_epoch = len(train_sampler) // batch_size // accumulation * accumulation
+    steps_per_epoch = micro_per_epoch // accumulation
+    recipe, length = fit_epochs(recipe, steps_per_epoch, explicit=config.epochs is not None)
+    global_batch = batch_size * accumulation * distributed.world_size
     num_classes = len(train_set.classes)
     weights = task.class_weights(train_set, recipe)
     trainer = build_trainer(config, recipe, task.build_model(recipe, num_classes, train_set.in_chans), device,
                             distributed)
     model, ema = trainer.model, trainer.ema
-    batch_size, accumulation = recipe.batch_size, config.grad_accumulation
-    micro_per_epoch = len(train_sampler) // batch_size // accumulation * accumulation
-    if micro_per_epoch == 0:
-        raise InvalidArgumentError(f"the training set ({len(train_set)} images) is smaller than one global batch "
-                                   f"({batch_size * accumulation * distributed.world_size}): lower --batch-size")
-    steps_per_epoch = micro_per_epoch // accumulation
-    global_batch = batch_size * accumulation * distributed.world_size
     run = resume_run(trainer, config, num_classes) if config.resume else RunState()
-    record_config = functools.partial(write_run_config, config, recipe, precision, train_set, task)
+    record_config = functools.partial(write_run_config, config, recipe, precision, train_set, task, length)
     if distributed.is_main:
         record_config(run.plan)
     logger = MetricsLogger(config.output, enabled=distributed.is_main)
@@ -317,7 +321,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         train_sampler.set_start(run.position)
         loader = make_loader(train_set, train_sampler, batch_size, config.workers, drop_last=True,
                              collate_fn=task.collate())
-        wrapped, forward = start_epoch(trainer, run, config, recipe, distributed)
+        wrapped, forward = start_phase(trainer, run, config, recipe, distributed)
         micro = run.position // batch_size  # micro-batches of this epoch already done
         bar = tqdm(total=steps_per_epoch, initial=micro // accumulation, unit="step",
                    desc=f"epoch {run.epoch + 1}/{schedule.epochs}",
@@ -339,6 +343,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             lr = recipe.learning_rate(run.step, steps_per_epoch, global_batch, schedule.total_steps)
             optimizer_step(model, trainer.optimizer, trainer.scaler, lr=lr, clip_grad_norm=recipe.clip_grad_norm)
             run.step += 1
+            if run.step == recipe.head_steps:  # the classifier-alone phase ends: everything trains from here
+                wrapped, forward = start_phase(trainer, run, config, recipe, distributed)
             if ema is not None:
                 ema.update(model, run.step)
             if schedule.after_step(run.step, run.epoch, lambda: time_evaluation(
@@ -385,11 +391,11 @@ def adopt_plan(run: RunState, record_config: Callable[[SchedulePlan], None], dis
 
 
 def write_run_config(config: TrainConfig, recipe: Recipe, precision: PrecisionChoice, train_set: Any, task: Any,
-                     plan: SchedulePlan | None) -> None:
-    """config.json: the options, the resolved recipe, the classes, the precision chosen and why, the machine it was
-    chosen on, and the schedule planned for a time budget."""
+                     length: RunLength, plan: SchedulePlan | None) -> None:
+    """config.json: the options, the resolved recipe and the steps it makes of the data, the classes, the precision
+    chosen and why, the machine it was chosen on, and the schedule planned for a time budget."""
     write_text_atomic(config.output / "config.json", json.dumps(
-        {"train": config.to_json(), "recipe": asdict(recipe), "classes": train_set.classes,
+        {"train": config.to_json(), "recipe": asdict(recipe), "steps": length.to_json(), "classes": train_set.classes,
          "in_chans": train_set.in_chans, **task.run_info(), "precision": precision.to_json(),
          "machine": probe().line(), "schedule_plan": plan.to_json() if plan else None}, indent=2))
 

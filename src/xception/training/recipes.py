@@ -51,8 +51,10 @@ class Recipe:
     # autocast: "auto" (the machine's fastest native precision: xception.precision.choose_precision), "fp32",
     # "bf16" (CPUs with AVX512_BF16 or AMX, recent GPUs) or "fp16" (CUDA)
     precision: str = "auto"
-    # Fine-tuning pretrained weights (see the "finetune" recipe):
-    freeze_epochs: int = 0  # first train the classifier alone, the rest frozen with its BatchNorm in inference mode
+    # Fine-tuning pretrained weights (see the "finetune" recipe). Its phases count optimizer steps, not epochs: a
+    # new classifier needs as many updates from 50 images as from 50,000.
+    head_steps: int = 0  # first train the classifier alone, the rest frozen with its BatchNorm in inference mode
+    min_steps: int = 0  # a run of the recipe's epochs lasts at least this many steps (more epochs on small data)
     # The head-only phase's rate as a multiple of the schedule's: a lone linear classifier on fixed features takes
     # far larger steps than the whole network can (Keras's transfer-learning guide trains the head at 100x the
     # rate of the full fine-tuning).
@@ -72,7 +74,7 @@ class Recipe:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
         scheduler state and every rank agrees."""
         base = self.lr * global_batch_size / self.reference_batch_size
-        if step < self.freeze_epochs * steps_per_epoch:
+        if step < self.head_steps:
             base *= self.freeze_lr_scale
         warmup_steps = self.warmup_epochs * steps_per_epoch
         if step < warmup_steps:
@@ -122,17 +124,17 @@ RECIPES: dict[str, Recipe] = {
                "transfer-learning guide, keras.io/guides/transfer_learning, built on Xception; 'linear probe, then "
                "fine-tune'), with layer-wise learning-rate decay from the head down (timm's layer_decay, after "
                "BEiT); rates, decay and BatchNorm tuned on held-out training images of benchmarks/finetune.py's task",
-        # Measured on a held-out split of Fashion-MNIST's training images (the demo's task, one seed each, with a
-        # tuning script kept out of the repository: exploratory figures, not a record): a head
-        # phase at the schedule's rate reached 73% where a logistic regression on the same frozen features reaches
-        # 92%, hence freeze_lr_scale 10; lr 1e-3 ended at 85.0% and 5e-3 at 93.6%; decay 0.7 gave 93.6, 0.85
-        # gave 94.3. BatchNorm statistics frozen cost 2.2 points (91.4 vs 93.6) because the new classes' statistics
-        # differ from the pretraining ones (sandals and bags after tops), so they adapt by default; --freeze-bn
-        # keeps them for data like the pretraining data in very small batches (keras-team/keras #9214).
+        # The rate, layer decay, head rate and adapting BatchNorm statistics were chosen on held-out training
+        # images of benchmarks/finetune.py's task (the new classes' statistics differ from the pretraining ones, so
+        # they adapt by default; --freeze-bn is for data like the pretraining data in very small batches).
+        # The phases are in steps so that they hold at any data size. 15 head-only steps was the best of 0 to 90 at
+        # both 10 and 100 images per class (`benchmarks/finetune.py --tune`, benchmarks/results/*/finetune-tuning/):
+        # without the phase the untrained classifier's gradients cost the backbone on 50 images, and longer phases
+        # take steps from the full one. min_steps 180 is the 12 epochs of 100 images per class, kept for less data.
         optimizer="adamw", lr=5e-3, reference_batch_size=64, weight_decay=0.05, schedule="cosine",
         warmup_epochs=0.5, epochs=12, batch_size=32, img_size=299, augmentation="inception",
-        eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, freeze_epochs=3, freeze_lr_scale=10.0,
-        layer_decay=0.85, freeze_bn=False,
+        eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, head_steps=15, min_steps=180,
+        freeze_lr_scale=10.0, layer_decay=0.85, freeze_bn=False,
     ),
     # CamVid (480x360 street scenes, 11 classes) on a 2-core CPU, from scratch, against the clock (issue #14's
     # recorded run, benchmarks/camvid.py): only the schedule and augmentation are the paper's.

@@ -24,14 +24,12 @@ from ..models.registry import model_task
 from ..weights import load_weights
 from ..weights.download import parse_hub_spec
 from .checkpoint import read_architecture
-from .data import samplers
 from .finetune import run_weights, saved_architecture
 from .recipes import Recipe
 from .segmentation_metrics import evaluate_segmentation
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .loop import Distributed
 
 # A classification run's architecture entries that are not the backbone's: its head, its input, its training-time
 # regularisers and the stride the DeepLab model sets itself.
@@ -106,7 +104,11 @@ class SegmentationTask:
         self.config = config
         self.ignore_index = config.ignore_index
 
-    def datasets(self, recipe: Recipe, distributed: Distributed) -> tuple[Any, Any, Any, Any]:
+    def adopt_weights_preprocessing(self, recipe: Recipe) -> Recipe:
+        """The recipe as it is: a segmentation crop is the recipe's (or --crop-size), whatever the weights."""
+        return recipe
+
+    def datasets(self, recipe: Recipe) -> tuple[Any, Any]:
         """Train (augmented, cropped) and val (full resolution) sets, checked before any training."""
         config = self.config
         if config.data == "fashion-mnist":
@@ -126,7 +128,7 @@ class SegmentationTask:
             train = train.first(config.train_subset)
         if config.val_subset:
             val = val.first(config.val_subset)
-        return train, val, *samplers(len(train), len(val), config, recipe, distributed)
+        return train, val
 
     def collate(self) -> Callable:
         return SegmentationCollate(self.ignore_index)

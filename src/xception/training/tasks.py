@@ -18,13 +18,12 @@ from ..data import collate_skipping
 from ..errors import InvalidArgumentError
 from ..models.registry import model_task
 from .data import build_datasets, class_weights
-from .finetune import build_model
+from .finetune import adopt_weights_preprocessing, build_model
 from .metrics import evaluate
 from .recipes import Recipe
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .loop import Distributed
 
 
 class ClassificationTask:
@@ -38,8 +37,13 @@ class ClassificationTask:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
 
-    def datasets(self, recipe: Recipe, distributed: Distributed) -> tuple[Any, Any, Any, Any]:
-        return build_datasets(self.config, recipe, distributed)
+    def adopt_weights_preprocessing(self, recipe: Recipe) -> Recipe:
+        """The recipe at the image size (and, from a run, the augmentation and evaluation resize) of the weights it
+        starts from, where the config leaves them to the recipe (:func:`.finetune.weights_preprocessing`)."""
+        return adopt_weights_preprocessing(self.config, recipe)
+
+    def datasets(self, recipe: Recipe) -> tuple[Any, Any]:
+        return build_datasets(self.config, recipe)
 
     def collate(self) -> Callable:
         return collate_skipping
