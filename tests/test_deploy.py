@@ -104,6 +104,9 @@ def test_bf16_deploy_is_close_to_fp32(one_thread):
         assert relative_error(output, model(x)) <= 5e-2
 
 
+# Two fp32 compilations (70 s on a 2-core machine); the int8 test below checks the same two graphs in the default
+# suite.
+@pytest.mark.slow
 def test_compiled_deploy_serves_any_batch_size_without_padding(one_thread):
     model = small_xception()
     x = torch.rand(5, 3, 71, 71) * 2 - 1

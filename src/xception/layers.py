@@ -88,10 +88,16 @@ class Conv2dSame(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.static_padding:
-            top, bottom = tf_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
-            left, right = tf_same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
-            x = F.pad(x, (left, right, top, bottom))
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return self._conv_forward(x, self.weight, self.bias)
+
+
+def pad_same(x: torch.Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
+             dilation: tuple[int, int]) -> torch.Tensor:
+    """``x`` padded with zeros as TensorFlow's 'same' convolution pads it."""
+    top, bottom = tf_same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
+    left, right = tf_same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (left, right, top, bottom))
 
 
 class MaxPool2dSame(nn.Module):
@@ -109,7 +115,7 @@ class MaxPool2dSame(nn.Module):
     padding); an even window is padded explicitly with -inf (a copy of the input, which int8 cannot hold).
 
     ``shape_agnostic = True`` makes one graph serve every input size (ONNX export with a dynamic height and width
-    sets it): see :meth:`_gather_windows`.
+    sets it): see :func:`_gather_windows`.
     """
 
     def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
@@ -120,36 +126,49 @@ class MaxPool2dSame(nn.Module):
         self.shape_agnostic = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
-        left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if self.shape_agnostic and self.kernel_size >= self.stride:
-            return self._gather_windows(x, top, left)
-        if bottom == top and right == left:
-            return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left))
-        if self.explicit_padding and self.kernel_size % 2 == 1:
-            half = self.kernel_size // 2  # >= the padding on either side, for TensorFlow's 'same'
-            height, width = -(-x.shape[-2] // self.stride), -(-x.shape[-1] // self.stride)
-            pooled = F.max_pool2d(x, self.kernel_size, 1, padding=half)
-            return pooled[..., half - top::self.stride, half - left::self.stride][..., :height, :width]
-        if self.explicit_padding or self.stride == 1:
-            x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-            return F.max_pool2d(x, self.kernel_size, self.stride)
-        return F.max_pool2d(x, self.kernel_size, self.stride, padding=(top, left), ceil_mode=True)
-
-    def _gather_windows(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
-        """One graph for every input size, for an export with a dynamic height and width (``shape_agnostic``):
-        which windows TensorFlow keeps depends on the parity of the size, which the paths above branch on and an
-        exported graph would freeze. Here every window is pooled at stride 1 and TensorFlow's are gathered by
-        index, computed from the size. Exact; slower than the paths above, so only exports set it."""
-        half = self.kernel_size // 2
-        height, width = (x.shape[-2] - 1) // self.stride + 1, (x.shape[-1] - 1) // self.stride + 1
-        pooled = F.max_pool2d(x, self.kernel_size, 1, padding=half)
-        rows = torch.arange(height, device=x.device) * self.stride + (half - top)
-        cols = torch.arange(width, device=x.device) * self.stride + (half - left)
-        return pooled.index_select(-2, rows).index_select(-1, cols)
+        return max_pool2d_same(x, self.kernel_size, self.stride, self.explicit_padding, self.shape_agnostic)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=tf_same"
+
+
+def max_pool2d_same(x: torch.Tensor, kernel_size: int, stride: int, explicit_padding: bool,
+                    shape_agnostic: bool) -> torch.Tensor:
+    """:class:`MaxPool2dSame`'s pooling (see it for the paths)."""
+    top, bottom = tf_same_padding(x.shape[-2], kernel_size, stride)
+    left, right = tf_same_padding(x.shape[-1], kernel_size, stride)
+    if shape_agnostic and kernel_size >= stride:
+        return _gather_windows(x, kernel_size, stride, top, left)
+    if bottom == top and right == left:
+        return F.max_pool2d(x, kernel_size, stride, padding=(top, left))
+    if explicit_padding and kernel_size % 2 == 1:
+        half = kernel_size // 2  # >= the padding on either side, for TensorFlow's 'same'
+        height, width = -(-x.shape[-2] // stride), -(-x.shape[-1] // stride)
+        pooled = F.max_pool2d(x, kernel_size, 1, padding=half)
+        return pooled[..., half - top::stride, half - left::stride][..., :height, :width]
+    if explicit_padding or stride == 1:
+        x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+        return F.max_pool2d(x, kernel_size, stride)
+    return F.max_pool2d(x, kernel_size, stride, padding=(top, left), ceil_mode=True)
+
+
+def _gather_windows(x: torch.Tensor, kernel_size: int, stride: int, top: int, left: int) -> torch.Tensor:
+    """One graph for every input size, for an export with a dynamic height and width (``shape_agnostic``):
+    which windows TensorFlow keeps depends on the parity of the size, which the paths above branch on and an
+    exported graph would freeze. Here every window is pooled at stride 1 and TensorFlow's are gathered by
+    index, computed from the size. Exact; slower than the paths above, so only exports set it."""
+    half = kernel_size // 2
+    height, width = (x.shape[-2] - 1) // stride + 1, (x.shape[-1] - 1) // stride + 1
+    pooled = F.max_pool2d(x, kernel_size, 1, padding=half)
+    rows = torch.arange(height, device=x.device) * stride + (half - top)
+    cols = torch.arange(width, device=x.device) * stride + (half - left)
+    return pooled.index_select(-2, rows).index_select(-1, cols)
+
+
+# The 'same' padding is computed from the input's size, which torch.fx's symbolic tracing cannot branch on: traced,
+# these are calls in the graph, run at each input's size (torchvision's create_feature_extractor, timm's FX features).
+torch.fx.wrap("pad_same")
+torch.fx.wrap("max_pool2d_same")
 
 
 class DropPath(nn.Module):

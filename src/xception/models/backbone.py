@@ -218,16 +218,7 @@ class XceptionBase(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take, naming what was expected."""
-        if x.dim() != 4:
-            raise InvalidArgumentError("expected an NCHW batch with 4 dimensions, got shape " + str(list(x.shape)))
-        if x.shape[1] != self.in_chans:
-            raise InvalidArgumentError("expected " + str(self.in_chans) + " input channels, got " + str(x.shape[1])
-                                       + " (shape " + str(list(x.shape)) + "); build the model with in_chans="
-                                       + str(x.shape[1]) + " or convert the images")
-        if x.shape[2] < self.min_input_size or x.shape[3] < self.min_input_size:
-            raise InvalidArgumentError("input " + str(x.shape[2]) + "x" + str(x.shape[3]) + " is too small: this "
-                                       + "model needs at least " + str(self.min_input_size) + "x"
-                                       + str(self.min_input_size) + " pixels")
+        check_images(x, self.in_chans, self.min_input_size)
 
     @torch.jit.unused
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -296,6 +287,25 @@ class XceptionBase(nn.Module):
         """Replace the classifier (freshly initialised) for ``num_classes`` classes; 0 removes it."""
         self.head.reset(num_classes, global_pool)
         self.num_classes = num_classes
+
+
+def check_images(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    """Refuse an input that is not an NCHW batch of ``in_chans`` channels at least ``min_size`` pixels a side."""
+    if x.dim() != 4:
+        raise InvalidArgumentError("expected an NCHW batch with 4 dimensions, got shape " + str(list(x.shape)))
+    if x.shape[1] != in_chans:
+        raise InvalidArgumentError("expected " + str(in_chans) + " input channels, got " + str(x.shape[1])
+                                   + " (shape " + str(list(x.shape)) + "); build the model with in_chans="
+                                   + str(x.shape[1]) + " or convert the images")
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise InvalidArgumentError("input " + str(x.shape[2]) + "x" + str(x.shape[3]) + " is too small: this "
+                                   + "model needs at least " + str(min_size) + "x"
+                                   + str(min_size) + " pixels")
+
+
+# The checks read the input's shape, which torch.fx's symbolic tracing cannot branch on: traced, they are a call in
+# the graph, run on each input (torchvision's create_feature_extractor, timm's FX feature extraction).
+torch.fx.wrap("check_images")
 
 
 def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, count: int) -> list[int]:

@@ -89,9 +89,8 @@ class ImagePooling(nn.Module):
         self.conv = conv_bn_relu(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1:
-            raise InvalidArgumentError("training a DeepLab model needs batches of two or more images: the BatchNorm "
-                                       "of its image-pooling branch sees a single value per channel in a batch of one")
+        if self.training:
+            check_batch_of_several(x)
         pooled = self.conv(x.mean((2, 3), keepdim=True))
         return pooled.expand(-1, -1, x.shape[2], x.shape[3])  # bilinear upsampling of a 1x1 map is a broadcast
 
@@ -204,15 +203,12 @@ class DeepLab(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse inputs the network cannot take (wrong channel count, too small), naming what was expected."""
         self.backbone.check_input(x)
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise InvalidArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: this model needs at least "
-                                       f"{self.min_input_size}x{self.min_input_size} pixels (the network runs at "
-                                       f"{self.input_scale:g} of the input's size)")
+        check_scaled_size(x, self.min_input_size, self.input_scale)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Class scores (B, num_classes, H, W) at the input's size, or at ``output_size`` (a training loss on
         labels sampled at a stride: resizing the logits straight to that grid costs less than to the input's)."""
-        size = x.shape[-2:] if output_size is None else output_size
+        size = logits_size(x, output_size)
         if self.input_scale != 1.0:
             self.check_input(x)  # at the size given: the backbone checks the resized one
             x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)
@@ -310,3 +306,30 @@ def deeplabv3plus(*, backbone: str, **options: Any) -> DeepLab:
 def deeplabv3(*, backbone: str, **options: Any) -> DeepLab:
     """DeepLabV3 (ASPP, no decoder) on ``backbone``; options as :func:`build`."""
     return build("deeplabv3", backbone, **options)
+
+
+def check_scaled_size(x: torch.Tensor, min_size: int, input_scale: float) -> None:
+    """Refuse an input smaller than ``min_size``, the least the backbone takes once scaled by ``input_scale``."""
+    if min(x.shape[-2:]) < min_size:
+        raise InvalidArgumentError(f"input {x.shape[2]}x{x.shape[3]} is too small: this model needs at least "
+                                   f"{min_size}x{min_size} pixels (the network runs at {input_scale:g} of the "
+                                   "input's size)")
+
+
+def check_batch_of_several(x: torch.Tensor) -> None:
+    """Refuse a training batch of one, which the image-pooling branch's BatchNorm cannot normalise."""
+    if x.shape[0] == 1:
+        raise InvalidArgumentError("training a DeepLab model needs batches of two or more images: the BatchNorm "
+                                   "of its image-pooling branch sees a single value per channel in a batch of one")
+
+
+def logits_size(x: torch.Tensor, output_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The size the logits are resized to: ``output_size``, else the input's."""
+    return (x.shape[-2], x.shape[-1]) if output_size is None else output_size
+
+
+# As backbone.check_images: calls in a torch.fx graph, run on each input (a traced forward's ``output_size`` is an
+# input of the graph, so whether it is None is known only then).
+torch.fx.wrap("logits_size")
+torch.fx.wrap("check_scaled_size")
+torch.fx.wrap("check_batch_of_several")
