@@ -25,7 +25,7 @@ from .recipes import Recipe
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .loop import Distributed
+    from .distributed import Distributed
 
 
 def build_datasets(config: TrainConfig, recipe: Recipe) -> tuple[ImageDataset, ImageDataset]:
