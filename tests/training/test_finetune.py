@@ -194,7 +194,7 @@ def test_a_few_dozen_images_train_at_the_weights_size_with_a_capped_batch_and_th
     recipe = recorded["recipe"]
     assert (recipe["img_size"], recipe["augmentation"], recipe["eval_resize_ratio"]) == (28, "compact", 1.0)
     assert (recipe["batch_size"], recipe["epochs"]) == (10, 15)  # 40 images: 4 steps an epoch, 60 steps
-    assert recorded["steps"] == {"per_epoch": 4, "epochs": 15, "total": 60, "head": 6}
+    assert recorded["steps"] == {"per_epoch": 4, "epochs": 15, "total": 60, "head": 6, "warmup": 8}
     assert result["steps"] == 60 and len(result["history"]) == 15
 
     train(TrainConfig(**options, img_size=32, augmentation="basic", max_steps=1, output=tmp_path / "third"))

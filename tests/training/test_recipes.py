@@ -58,8 +58,8 @@ def test_finetune_recipe_names_its_sources_and_phases():
 
 
 def test_the_head_only_steps_run_at_their_own_multiple_of_the_schedule():
-    recipe = get_recipe("finetune", head_steps=20, freeze_lr_scale=10.0, warmup_epochs=0.0)
-    plain = get_recipe("finetune", head_steps=0, warmup_epochs=0.0)
+    recipe = get_recipe("finetune", head_steps=20, freeze_lr_scale=10.0, warmup_steps=0)
+    plain = get_recipe("finetune", head_steps=0, warmup_steps=0)
     steps_per_epoch, total, batch = 10, 100, recipe.reference_batch_size
     for step in (0, 5, 19):
         assert recipe.learning_rate(step, steps_per_epoch, batch, total) == pytest.approx(

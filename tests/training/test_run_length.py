@@ -23,6 +23,7 @@ def fitted(train_size: int, *, batch_explicit: bool = False, epochs_explicit: bo
 def test_the_head_phase_and_the_run_are_as_many_steps_whatever_the_data_size(train_size: int):
     recipe, length = fitted(train_size)
     assert length.head == FINETUNE.head_steps  # the new classifier gets as many updates from 50 images as from 50,000
+    assert length.warmup == FINETUNE.warmup_steps > 0  # and the warm-up as many steps
     assert length.total >= FINETUNE.min_steps and length.total > length.head
     assert length.per_epoch >= MIN_STEPS_PER_EPOCH
     assert recipe.epochs == max(FINETUNE.epochs, -(-FINETUNE.min_steps // length.per_epoch))
@@ -49,4 +50,4 @@ def test_an_explicit_batch_or_epoch_count_wins():
 def test_steps_are_recorded_whole():
     _, length = fitted(500)
     assert length.to_json() == {"per_epoch": 15, "epochs": length.epochs, "total": 15 * length.epochs,
-                                "head": FINETUNE.head_steps}
+                                "head": FINETUNE.head_steps, "warmup": FINETUNE.warmup_steps}

@@ -37,6 +37,7 @@ class Recipe:
     decay_samples: int | None = None  # None: every decay_epochs epochs
     decay_epochs: float = 2.0
     warmup_epochs: float = 0.0  # linear warm-up from 0
+    warmup_steps: int = 0  # the same in optimizer steps (fine-tuning, at any data size); the longer of the two
     epochs: int = 100
     batch_size: int = 32
     img_size: int = 299  # segmentation: the side of the square training crop (evaluation is at full resolution)
@@ -70,13 +71,17 @@ class Recipe:
     lovasz_weight: float = 0.0
     label_stride: int = 1
 
+    def warmup_length(self, steps_per_epoch: int) -> float:
+        """The warm-up's length in optimizer steps."""
+        return max(self.warmup_epochs * steps_per_epoch, self.warmup_steps)
+
     def learning_rate(self, step: int, steps_per_epoch: int, global_batch_size: int, total_steps: int) -> float:
         """The learning rate at optimizer step ``step``: a pure function of the step, so resuming needs no
         scheduler state and every rank agrees."""
         base = self.lr * global_batch_size / self.reference_batch_size
         if step < self.head_steps:
             base *= self.freeze_lr_scale
-        warmup_steps = self.warmup_epochs * steps_per_epoch
+        warmup_steps = self.warmup_length(steps_per_epoch)
         if step < warmup_steps:
             return base * (step + 1) / warmup_steps
         progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
@@ -132,7 +137,7 @@ RECIPES: dict[str, Recipe] = {
         # without the phase the untrained classifier's gradients cost the backbone on 50 images, and longer phases
         # take steps from the full one. min_steps 180 is the 12 epochs of 100 images per class, kept for less data.
         optimizer="adamw", lr=5e-3, reference_batch_size=64, weight_decay=0.05, schedule="cosine",
-        warmup_epochs=0.5, epochs=12, batch_size=32, img_size=299, augmentation="inception",
+        warmup_steps=8, epochs=12, batch_size=32, img_size=299, augmentation="inception",
         eval_resize_ratio=333 / 299, drop_rate=0.2, label_smoothing=0.1, head_steps=15, min_steps=180,
         freeze_lr_scale=10.0, layer_decay=0.85, freeze_bn=False,
     ),

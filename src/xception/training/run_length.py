@@ -25,13 +25,15 @@ class RunLength:
     per_epoch: int
     epochs: int
     head: int  # the first steps, which train the classifier alone
+    warmup: int  # the first steps, whose learning rate rises linearly from 0
 
     @property
     def total(self) -> int:
         return self.per_epoch * self.epochs
 
     def to_json(self) -> dict[str, int]:
-        return {"per_epoch": self.per_epoch, "epochs": self.epochs, "total": self.total, "head": self.head}
+        return {"per_epoch": self.per_epoch, "epochs": self.epochs, "total": self.total, "head": self.head,
+                "warmup": self.warmup}
 
 
 def fit_batch(recipe: Recipe, train_size: int, *, explicit: bool, accumulation: int, world_size: int) -> Recipe:
@@ -65,7 +67,8 @@ def fit_epochs(recipe: Recipe, steps_per_epoch: int, *, explicit: bool) -> tuple
         if epochs != recipe.epochs:
             log.info("%d epochs of %d steps: the %s recipe runs at least %d steps", epochs, steps_per_epoch,
                      recipe.name, needed)
-    length = RunLength(steps_per_epoch, epochs, min(recipe.head_steps, steps_per_epoch * epochs))
+    length = RunLength(steps_per_epoch, epochs, min(recipe.head_steps, steps_per_epoch * epochs),
+                       math.ceil(recipe.warmup_length(steps_per_epoch)))
     if recipe.head_steps >= length.total:
         log.warning("the run's %d steps all train the classifier alone (the recipe's head phase is %d steps): "
                     "more --epochs, or a smaller --head-steps, trains the rest too", length.total, recipe.head_steps)
