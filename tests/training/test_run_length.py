@@ -45,6 +45,8 @@ def test_an_explicit_batch_or_epoch_count_wins():
         fitted(50, batch_explicit=True, recipe=get_recipe("finetune", batch_size=64))
     with pytest.raises(InvalidArgumentError, match="or use fewer processes"):
         fitted(3, world_size=4)
+    with pytest.raises(InvalidArgumentError, match="no complete global batch"):
+        fit_epochs(FINETUNE, 0, explicit=False)
 
 
 def test_steps_are_recorded_whole():

@@ -60,6 +60,9 @@ def fit_batch(recipe: Recipe, train_size: int, *, explicit: bool, accumulation: 
 def fit_epochs(recipe: Recipe, steps_per_epoch: int, *, explicit: bool) -> tuple[Recipe, RunLength]:
     """The recipe with enough epochs for its ``min_steps`` and its classifier-alone phase (unless the epochs are the
     user's, ``explicit``), and the run's length in steps."""
+    if steps_per_epoch == 0:  # fit_batch leaves at least one global batch; a rank's shard could still fall short
+        raise InvalidArgumentError("the training set gives no complete global batch to every process: lower "
+                                   "--batch-size or --grad-accumulation, or use fewer processes")
     epochs = recipe.epochs
     if not explicit:
         needed = max(recipe.min_steps, recipe.head_steps + 1 if recipe.head_steps else 0)
