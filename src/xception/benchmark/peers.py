@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..models import create_model
 from ..precision import autocast
-from .selection import batched_outputs, timed_batch
+from .selection import batched_outputs, calibration_batches, timed_batch
 from .timing import (
     BenchmarkConfig,
     Candidate,
@@ -79,7 +79,7 @@ class Workload:
             # Random calibration images: the speed of an int8 model does not depend on its activation ranges.
             return cls(model, x, [torch.randn_like(x) for _ in range(4)])
         x = timed_batch(real.calibration, config.batch_size).to(config.device)
-        calibration = [batch.to(config.device) for batch in real.calibration.split(max(config.batch_size, 16))]
+        calibration = [batch.to(config.device) for batch in calibration_batches(real.calibration, config.batch_size)]
         return cls(real.model.to(config.device).eval(), x, calibration)
 
 
@@ -210,8 +210,8 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
     check_device(config.device)
     with intra_op_threads(config.num_threads):
         workload = Workload.of(config, real)
-        reference = None if real is None else batched_outputs(workload.model, real.held_out.to(config.device),
-                                                              config.batch_size)
+        held_out = None if real is None else real.held_out.to(config.device)
+        reference = None if real is None else batched_outputs(workload.model, held_out, config.batch_size)
         # A group is one candidate's layouts (the faster is reported) or a skipped peer's result.
         groups: list[list[Candidate] | Result] = [
             [_deployed_candidate(config.model, config, workload, candidate)] for candidate in config.deploy]
@@ -229,18 +229,19 @@ def compare(config: BenchmarkConfig, peers: Sequence[str] = ("timm", "keras", "i
         timed = [c for group in groups if isinstance(group, list) for c in group]
         measured = iter(run_interleaved(timed, config))
         if real is not None:
-            measured = iter([_with_agreement(result, candidate, real, reference, config)
+            measured = iter([_with_agreement(result, candidate, held_out, reference, real, config.batch_size)
                              for result, candidate in zip(measured, timed, strict=True)])
     results = [group if isinstance(group, Result) else _fastest([next(measured) for _ in group]) for group in groups]
     return [with_peak_fraction(result, limits, config) for result in _with_ratios(results)]
 
 
-def _with_agreement(result: Result, candidate: Candidate, real: RealImages, reference: torch.Tensor,
-                    config: BenchmarkConfig) -> Result:
-    """``result`` with the share of held-out images on which ``candidate`` agrees with the eager fp32 model."""
+def _with_agreement(result: Result, candidate: Candidate, held_out: torch.Tensor, reference: torch.Tensor,
+                    real: RealImages, batch_size: int) -> Result:
+    """``result`` with the share of the ``held_out`` images (on the device) on which ``candidate`` agrees with the
+    eager fp32 model's ``reference`` outputs."""
     if candidate.predict is None:
         return result
-    outputs = batched_outputs(candidate.predict, real.held_out.to(config.device), config.batch_size)
+    outputs = batched_outputs(candidate.predict, held_out, batch_size)
     measured = real.agreement.measure(reference, outputs, real.labels)
     return dataclasses.replace(result, agreement=measured["agreement"])
 

@@ -58,14 +58,14 @@ def choose_deployment(model: nn.Module, calibration: torch.Tensor, held_out: tor
     model = model.eval()
     agreement = agreement or AGREEMENTS[getattr(model, "task", "classification")]()
     example = timed_batch(calibration, batch_size)
-    calibration_batches = list(calibration.split(max(batch_size, 16)))
+    batches = calibration_batches(calibration, batch_size)
     reference = batched_outputs(model, held_out, batch_size)
 
     rows: list[dict[str, Any]] = []
     built: dict[str, RuntimeModel] = {}
     with tempfile.TemporaryDirectory(prefix="xception-deploy-") as workdir:
         for name in candidates:
-            rows.append(_build(get_candidate(name), model, example, calibration_batches, Path(workdir), built))
+            rows.append(_build(get_candidate(name), model, example, batches, Path(workdir), built))
     for row in (row for row in rows if row["candidate"] in built):
         try:
             outputs = batched_outputs(built[row["candidate"]], held_out, batch_size)
@@ -115,6 +115,11 @@ def timed_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The first ``batch_size`` of ``images``, repeated where there are fewer: the batch a candidate is timed on."""
     repeats = -(-batch_size // len(images))
     return images.repeat(repeats, 1, 1, 1)[:batch_size] if repeats > 1 else images[:batch_size]
+
+
+def calibration_batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``images`` in the batches int8 calibrates on: the target batch, at least 16 (a few, not one per image)."""
+    return list(images.split(max(batch_size, 16)))
 
 
 @torch.no_grad()
